@@ -1,0 +1,215 @@
+import math
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.extend.core as jexc
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import numpy as np
+import quax
+from jaxtyping import Array, PRNGKeyArray
+
+
+def _is_value(x: Any) -> bool:
+    return isinstance(x, quax.Value)
+
+
+def _dense_weight(w: Any) -> Array:
+    """The plain array a base weight stands for (dequantising a quax-valued base)."""
+    return w.materialise() if _is_value(w) else w
+
+
+def _check_rank(rank: Any) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0:
+        raise ValueError(f"`rank` must be a positive int, got {rank!r}.")
+    return int(rank)
+
+
+def scaling_for(rank: int, alpha: float | None, rslora: bool) -> float:
+    """The LoRA scale: `alpha / rank`, or `alpha / sqrt(rank)` with rsLoRA."""
+    alpha = rank if alpha is None else alpha
+    return float(alpha) / (math.sqrt(rank) if rslora else rank)
+
+
+class LoraArray(quax.ArrayValue):
+    """A frozen weight plus a trainable low-rank update, `w + scaling * b @ a`, kept
+    in factored form.
+
+    For a weight of shape `(*batch, out, *rest)` — `(out, in)` for `eqx.nn.Linear`,
+    `(out, in / groups, *kernel)` for a convolution, `(vocab, dim)` for an embedding
+    table — the factors are `a` of shape `(*batch, rank, *rest)` (random init) and `b`
+    of shape `(*batch, out, rank)` (zero init), matching the LoRA paper's and PEFT's
+    `A` and `B`. The array stands for
+    `w + scaling * tensordot(b, a, 1)` (batched over the leading `*batch` axes, as
+    produced by layers stacked with `eqx.filter_vmap`), but that sum is never formed:
+    under `quax.quaxify`, each primitive that meets a `LoraArray` is computed from the
+    factors directly. See the supported-primitives page of the documentation.
+
+    !!! Example
+
+        ```python
+        import jax.numpy as jnp
+        import jax.random as jr
+        import quax
+        import quaxlora as ql
+
+        w = jnp.ones((4, 3))
+        lora = ql.LoraArray(w, rank=2, key=jr.key(0))
+        x = jnp.ones(3)
+        y = quax.quaxify(lambda w, x: w @ x)(lora, x)  # equals w @ x at init
+        ```
+    """
+
+    weight: Any
+    a: Array
+    b: Array
+    rank: int = eqx.field(static=True)
+    alpha: float = eqx.field(static=True)
+    rslora: bool = eqx.field(static=True)
+    stop_gradient: bool = eqx.field(static=True)
+    allow_materialise: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        weight: Any,
+        *,
+        rank: int | None = None,
+        alpha: float | None = None,
+        rslora: bool = False,
+        stop_gradient: bool = True,
+        allow_materialise: bool = False,
+        batch_ndim: int = 0,
+        dtype: Any = None,
+        key: PRNGKeyArray | None = None,
+        a: Array | None = None,
+        b: Array | None = None,
+    ):
+        """**Arguments:**
+
+        - `weight`: the frozen base weight, of shape `(*batch, out, *rest)` with
+            `rest` non-empty. May itself be a `quax.ArrayValue` (a quantised base).
+        - `rank`: the rank `r` of the update. Inferred from `a` when factors are given.
+        - `alpha`: the LoRA alpha; defaults to `rank`, so that `scaling == 1`.
+        - `rslora`: use rank-stabilised scaling `alpha / sqrt(rank)` instead of
+            `alpha / rank`.
+        - `stop_gradient`: read the base weight through `lax.stop_gradient`, so that
+            no gradient ever reaches it.
+        - `allow_materialise`: for a primitive without a factored rule, form
+            `w + scaling * b @ a` densely instead of raising an error.
+        - `batch_ndim`: how many leading axes of `weight` are batch axes (1 for a
+            layer stack built with `eqx.filter_vmap`).
+        - `dtype`: dtype of the factors; defaults to the weight's dtype.
+        - `key`: PRNG key used to initialise `a`. Required unless `a` and `b` are
+            given.
+        - `a`, `b`: explicit factors, instead of the default initialisation
+            (`a ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, `b = 0`).
+        """
+        shape = tuple(weight.shape)
+        if not isinstance(batch_ndim, int) or batch_ndim < 0:
+            raise ValueError(f"`batch_ndim` must be a non-negative int, got {batch_ndim}")
+        if len(shape) < batch_ndim + 2:
+            raise ValueError(
+                "`LoraArray` needs a weight with at least 2 non-batch axes "
+                f"`(out, in, ...)`; got shape {shape} with `batch_ndim={batch_ndim}`."
+            )
+        if not jnp.issubdtype(weight.dtype, jnp.floating):
+            raise ValueError(
+                "`LoraArray` needs a floating-point weight; got dtype "
+                f"{weight.dtype}. Integer (quantised) bases must be wrapped in a "
+                "`quax.ArrayValue` whose dtype is floating."
+            )
+        batch, out, rest = shape[:batch_ndim], shape[batch_ndim], shape[batch_ndim + 1 :]
+        if a is None and b is None:
+            rank = _check_rank(rank)
+            if key is None:
+                raise ValueError("`LoraArray` needs a `key` to initialise `a`.")
+            dtype = weight.dtype if dtype is None else dtype
+            bound = 1 / math.sqrt(math.prod(rest))
+            a = jr.uniform(key, (*batch, rank, *rest), dtype, -bound, bound)
+            b = jnp.zeros((*batch, out, rank), dtype)
+        elif a is None or b is None:
+            raise ValueError("Pass both `a` and `b` to `LoraArray`, or neither.")
+        else:
+            r = a.shape[batch_ndim] if a.ndim > batch_ndim else None
+            rank = _check_rank(r if rank is None else rank)
+            want_a, want_b = (*batch, rank, *rest), (*batch, out, rank)
+            if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                raise ValueError(
+                    f"`LoraArray` factors do not match a weight of shape {shape} "
+                    f"(`batch_ndim={batch_ndim}`, `rank={rank}`): expected `a` of "
+                    f"shape {want_a} and `b` of shape {want_b}, got {tuple(a.shape)} "
+                    f"and {tuple(b.shape)}."
+                )
+            for name, f in (("a", a), ("b", b)):
+                if not jnp.issubdtype(f.dtype, jnp.floating):
+                    raise ValueError(f"`{name}` must be floating, got {f.dtype}.")
+            if dtype is not None:
+                a, b = a.astype(dtype), b.astype(dtype)
+        self.weight = weight
+        self.a = a
+        self.b = b
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.rslora = rslora
+        self.stop_gradient = stop_gradient
+        self.allow_materialise = allow_materialise
+
+    @property
+    def w(self) -> Any:
+        """The frozen base weight, through `lax.stop_gradient` if `stop_gradient`."""
+        if self.stop_gradient:
+            return jtu.tree_map(lax.stop_gradient, self.weight)
+        return self.weight
+
+    @property
+    def scaling(self) -> float:
+        """`alpha / rank`, or `alpha / sqrt(rank)` with rsLoRA."""
+        return scaling_for(self.rank, self.alpha, self.rslora)
+
+    @property
+    def batch_ndim(self) -> int:
+        """Number of leading batch axes (shared by `w`, `a` and `b`)."""
+        return self.b.ndim - 2
+
+    def aval(self) -> jax.core.ShapedArray:
+        return jax.core.ShapedArray(self.weight.shape, self.weight.dtype)
+
+    def delta(self) -> Array:
+        """The dense update `scaling * b @ a`, in the weight's dtype."""
+        n = self.batch_ndim
+        batch = tuple(range(n))
+        d = lax.dot_general(self.b, self.a, (((n + 1,), (n,)), (batch, batch)))
+        return (self.scaling * d).astype(self.dtype)
+
+    def merged(self) -> Array:
+        """The dense array `w + scaling * b @ a`, regardless of `allow_materialise`."""
+        return (_dense_weight(self.w) + self.delta()).astype(self.dtype)
+
+    def materialise(self) -> Array:
+        if self.allow_materialise:
+            return self.merged()
+        raise TypeError(
+            "Refusing to materialise a `LoraArray` (that would form the full-size "
+            "`w + scaling * b @ a`). Pass `allow_materialise=True` to allow it, or "
+            "use `quaxlora.merge` to get a plain model."
+        )
+
+    @staticmethod
+    def default(
+        primitive: jexc.Primitive, values: Any, params: dict[str, Any]
+    ) -> Any:
+        loras = [v for v in values if isinstance(v, LoraArray)]
+        if not all(v.allow_materialise for v in loras):
+            raise TypeError(
+                f"quaxlora has no factored rule for the primitive `{primitive}` "
+                "applied to a `LoraArray`, and will not form the dense "
+                "`w + scaling * b @ a` silently. Either pass "
+                "`allow_materialise=True` to `quaxlora.loraify` (or `LoraArray`) to "
+                "use the dense fallback for such primitives, exclude this weight "
+                "from `loraify`'s targets, or `quaxlora.merge` the model first."
+            )
+        arrays = [v.materialise() if _is_value(v) else v for v in values]
+        return primitive.bind(*arrays, **params)

@@ -1,0 +1,60 @@
+"""Back to plain Equinox models: fold adapters in, or drop them."""
+
+import jax.tree_util as jtu
+from jaxtyping import PyTree
+
+from ._lora_array import LoraArray
+from ._train import is_adapted, Trainable
+
+
+def merge(model: PyTree) -> PyTree:
+    """Fold every adapter into its weight, for serving.
+
+    Each `LoraArray` becomes the plain array `w + scaling * b @ a` in the base
+    weight's dtype (a quax-valued base, e.g. a quantised one, is materialised), and
+    each `Trainable` becomes its array. The result is an ordinary Equinox model: call
+    it directly, without `quax.quaxify`, at the cost of the base model.
+
+    **Arguments:**
+
+    - `model`: a model returned by `quaxlora.loraify` (trained or not).
+
+    **Returns:**
+
+    A model of the original structure and dtypes, with no quax values in it.
+    """
+
+    def _merge(x):
+        if isinstance(x, LoraArray):
+            return x.merged()
+        if isinstance(x, Trainable):
+            return x.array
+        return x
+
+    return jtu.tree_map(_merge, model, is_leaf=is_adapted)
+
+
+def unloraify(model: PyTree) -> PyTree:
+    """Drop every adapter, giving back the base model.
+
+    Each `LoraArray` is replaced by its frozen weight (the very array it was built
+    from) and each `Trainable` by its array; nothing is recomputed.
+
+    **Arguments:**
+
+    - `model`: a model returned by `quaxlora.loraify`.
+
+    **Returns:**
+
+    The base model: with `model = loraify(base, ...)`, `unloraify(model)` has the
+    same leaves as `base`, until the `Trainable` arrays are trained.
+    """
+
+    def _drop(x):
+        if isinstance(x, LoraArray):
+            return x.weight
+        if isinstance(x, Trainable):
+            return x.array
+        return x
+
+    return jtu.tree_map(_drop, model, is_leaf=is_adapted)

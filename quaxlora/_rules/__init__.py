@@ -1,0 +1,2 @@
+# Importing the rule modules registers their rules with quax.
+from . import _dot_general as _dot_general, _structural as _structural

@@ -1,0 +1,144 @@
+"""`dot_general` with a `LoraArray` on either or both sides.
+
+`(w + s·b@a)·x = w·x + (s·b)·(a·x)`: the operand is contracted with the factor whose
+axes it meets first (`a` for the usual `in` contraction, `b` for a transposed use),
+giving a rank-sized intermediate, which is then contracted with the other factor.
+Every product is computed with the non-LoRA operand first — the layout its consumer
+(vmap, a following matmul) wants — and transposed to `dot_general`'s output order at
+the end, where XLA folds the transpose away. See `quaxlora/README.md`.
+"""
+
+from typing import Any
+
+import jax.lax as lax
+import quax
+from jaxtyping import ArrayLike
+
+from .._lora_array import LoraArray
+from ._contract import contract, transpose_to
+
+
+def lora_labels(lora: LoraArray) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Labels for `w`, `a`, `b` and the batch axes of a `LoraArray`."""
+    n = lora.batch_ndim
+    batch = [f"B{i}" for i in range(n)]
+    rest = [f"R{i}" for i in range(lora.ndim - n - 1)]
+    return batch + ["o"] + rest, batch + ["k"] + rest, batch + ["o", "k"], batch
+
+
+def _keep(xl, yl, out, extra) -> list[str]:
+    """Natural output labels of contracting `xl` with `yl`, keeping the shared labels
+    that are in `out` or in `extra`."""
+    kept = set(out) | set(extra)
+    batch = [l for l in xl if l in yl and l in kept]
+    return batch + [l for l in xl if l not in yl] + [l for l in yl if l not in xl]
+
+
+def lora_contract(
+    x: Any, xl: list[str], lora: LoraArray, out: list[str], **dot_kwargs
+) -> Any:
+    """`einsum(x, lora -> out)` in factored form: `x·w + (x·a)·(s·b)` (or through `b`
+    first when the output axis of `w` is contracted)."""
+    wl, al, bl, batch = lora_labels(lora)
+    a = lora.a.astype(lora.dtype)
+    b = lora.b.astype(lora.dtype)
+    base = contract(x, xl, lora.w, wl, out, **dot_kwargs)
+    if "o" in xl and "o" not in out:  # contraction over the weight's output axis
+        (f1, f1l), (f2, f2l) = (b, bl), (a, al)
+    else:
+        (f1, f1l), (f2, f2l) = (a, al), (b, bl)
+    tl = _keep(xl, f1l, out, batch)
+    t = contract(x, xl, f1, f1l, tl, **dot_kwargs)
+    # Fold the scale into whichever operand of the second product is smaller.
+    if t.size < f2.size:
+        t = (lora.scaling * t).astype(t.dtype)
+    else:
+        f2 = (lora.scaling * f2).astype(f2.dtype)
+    f2 = f2.astype(t.dtype)
+    delta = contract(t, tl, f2, f2l, out, **dot_kwargs)
+    return (base + delta.astype(base.dtype)).astype(base.dtype)
+
+
+def _lora_dot(lora, x, lora_is_lhs, dimension_numbers, **dot_kwargs):
+    (lc, rc), (lb, rb) = dimension_numbers
+    if lora_is_lhs:
+        (l_contract, x_contract), (l_batch, x_batch) = (lc, rc), (lb, rb)
+    else:
+        (l_contract, x_contract), (l_batch, x_batch) = (rc, lc), (rb, lb)
+    wl = lora_labels(lora)[0]
+    xl = [f"X{i}" for i in range(x.ndim)]
+    for li, xi in zip((*l_contract, *l_batch), (*x_contract, *x_batch)):
+        xl[xi] = wl[li]
+    batch = [wl[i] for i in l_batch]
+    l_free = [l for i, l in enumerate(wl) if i not in l_contract and i not in l_batch]
+    x_free = [l for i, l in enumerate(xl) if i not in x_contract and i not in x_batch]
+    # out has shape (*batch, *x_free, *lora_free): the layout a consumer of `x` wants.
+    out = lora_contract(x, xl, lora, batch + x_free + l_free, **dot_kwargs)
+    if lora_is_lhs:
+        return transpose_to(out, batch + x_free + l_free, batch + l_free + x_free)
+    return out
+
+
+@quax.register(lax.dot_general_p)
+def _(
+    lhs: LoraArray,
+    rhs: ArrayLike | quax.ArrayValue,
+    *,
+    dimension_numbers,
+    precision,
+    preferred_element_type,
+    **params,
+):
+    del params
+    return _lora_dot(
+        lhs,
+        rhs,
+        True,
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+
+
+@quax.register(lax.dot_general_p)
+def _(
+    lhs: ArrayLike | quax.ArrayValue,
+    rhs: LoraArray,
+    *,
+    dimension_numbers,
+    precision,
+    preferred_element_type,
+    **params,
+):
+    del params
+    return _lora_dot(
+        rhs,
+        lhs,
+        False,
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+
+
+@quax.register(lax.dot_general_p)
+def _(
+    lhs: LoraArray,
+    rhs: LoraArray,
+    *,
+    dimension_numbers,
+    precision,
+    preferred_element_type,
+    **params,
+):
+    # The right-hand `LoraArray` is the "operand": each product of it with `w`, `a`
+    # or `b` re-dispatches to the rules above, so nothing is ever materialised.
+    del params
+    return _lora_dot(
+        lhs,
+        rhs,
+        True,
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )

@@ -1,0 +1,150 @@
+"""What is trained: the adapter factors, plus any array marked `Trainable`."""
+
+import dataclasses
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.tree_util as jtu
+import numpy as np
+import quax
+from jaxtyping import Array, PyTree
+
+from ._lora_array import LoraArray
+from ._paths import path_str
+
+
+class Trainable(quax.ArrayValue):
+    """Marks an array of the model as trained in full (PEFT's `modules_to_save`, and
+    trained biases). It behaves exactly like the array it wraps: under
+    `quax.quaxify` every primitive simply reads `array`.
+    """
+
+    array: Array
+
+    def aval(self) -> jax.core.ShapedArray:
+        return jax.core.ShapedArray(self.array.shape, self.array.dtype)
+
+    def materialise(self) -> Array:
+        return self.array
+
+
+def is_adapted(x: Any) -> bool:
+    """Whether `x` is a `LoraArray` or a `Trainable` (a node `is_trainable` decides)."""
+    return isinstance(x, (LoraArray, Trainable))
+
+
+def _spec(x: Any) -> Any:
+    if isinstance(x, LoraArray):
+        spec = jtu.tree_map(lambda _: False, x)
+        return eqx.tree_at(lambda l: (l.a, l.b), spec, (True, True))
+    return isinstance(x, Trainable)
+
+
+def is_trainable(model: PyTree) -> PyTree[bool]:
+    """The filter spec of what LoRA trains in `model`.
+
+    A per-leaf predicate cannot tell a LoRA factor from the frozen weight beside it
+    (both are plain arrays), so this takes the whole model and returns a pytree of
+    bools of the same structure, for `eqx.partition` / `eqx.filter`: `True` on the
+    `a` and `b` of every `LoraArray` and on every `Trainable` array
+    (`modules_to_save`, trained biases); `False` everywhere else.
+
+    **Arguments:**
+
+    - `model`: a model returned by `quaxlora.loraify`.
+
+    **Returns:**
+
+    A pytree of bools, a valid `filter_spec` for `model`.
+
+    !!! Example
+
+        ```python
+        trainable, frozen = eqx.partition(model, ql.is_trainable(model))
+        ```
+    """
+    return jtu.tree_map(_spec, model, is_leaf=is_adapted)
+
+
+def partition(model: PyTree) -> tuple[PyTree, PyTree]:
+    """Split a LoRA model into `(trainable, frozen)`; `eqx.combine` joins them back.
+
+    Differentiate with respect to `trainable` only, and initialise the optimiser on
+    it: gradients and optimiser state then hold the adapter factors and nothing of
+    the size of a frozen weight.
+
+    **Arguments:**
+
+    - `model`: a model returned by `quaxlora.loraify`.
+
+    **Returns:**
+
+    A pair `(trainable, frozen)` of pytrees with `model`'s structure, with `None`
+    in place of the leaves each one leaves out.
+    """
+    return eqx.partition(model, is_trainable(model))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterCount:
+    """Trainable and total parameters of a model, overall and per module.
+
+    **Attributes:**
+
+    - `trainable`: number of trained scalars (LoRA factors and `Trainable` arrays).
+    - `total`: number of all scalars, frozen weights and adapters together.
+    - `per_module`: `{module path: (trainable, total)}` for each module that directly
+        holds arrays, in model order.
+    """
+
+    trainable: int
+    total: int
+    per_module: dict[str, tuple[int, int]]
+
+    @property
+    def fraction(self) -> float:
+        """`trainable / total`."""
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable%: {100 * self.fraction:.4f}"
+        )
+
+
+def _size(x: Any) -> int:
+    return int(np.prod(x.shape)) if eqx.is_array(x) else 0
+
+
+def count_parameters(model: PyTree) -> ParameterCount:
+    """Count trainable and total parameters of a (loraified) model, exactly.
+
+    A `LoraArray` contributes `w.size + a.size + b.size` to the total and
+    `a.size + b.size` to the trainable count; a `Trainable` array counts in full in
+    both; every other array counts as frozen.
+
+    **Arguments:**
+
+    - `model`: any pytree; typically a model returned by `quaxlora.loraify`.
+
+    **Returns:**
+
+    A `ParameterCount`, whose `str` reads like PEFT's `print_trainable_parameters`.
+    """
+    per_module: dict[str, tuple[int, int]] = {}
+    for path, leaf in jtu.tree_leaves_with_path(model, is_leaf=is_adapted):
+        if isinstance(leaf, LoraArray):
+            t = _size(leaf.a) + _size(leaf.b)
+            n = t + sum(_size(x) for x in jtu.tree_leaves(leaf.weight))
+        elif isinstance(leaf, Trainable):
+            t = n = _size(leaf.array)
+        else:
+            t, n = 0, _size(leaf)
+        module = path_str(path[:-1])
+        t0, n0 = per_module.get(module, (0, 0))
+        per_module[module] = (t0 + t, n0 + n)
+    trainable = sum(t for t, _ in per_module.values())
+    total = sum(n for _, n in per_module.values())
+    return ParameterCount(trainable, total, per_module)

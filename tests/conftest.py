@@ -1,0 +1,20 @@
+import os
+
+
+# Several CPU devices for the sharding tests; must be set before JAX is imported.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import jax.random as jr  # noqa: E402
+import pytest  # noqa: E402
+
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture
+def getkey():
+    keys = iter(jr.split(jr.key(5678), 10_000))
+    return lambda: next(keys)
