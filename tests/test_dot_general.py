@@ -1,0 +1,206 @@
+"""`dot_general` with a `LoraArray`: values and gradients against the dense reference."""
+
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+import quax
+import quaxlora as ql
+from hypothesis import given, settings, strategies as st
+
+from .helpers import assert_tree_allclose, nonzero_lora, TOLS
+
+
+def _lora(key, shape, rank=3, batch_ndim=0, dtype=jnp.float32, adapter_dtype=None):
+    k1, k2, k3 = jr.split(key, 3)
+    w = jr.normal(k1, shape, dtype)
+    lora = ql.LoraArray(
+        w,
+        rank=rank,
+        alpha=2.0 * rank,
+        batch_ndim=batch_ndim,
+        stop_gradient=False,
+        dtype=adapter_dtype,
+        key=k2,
+    )
+    return nonzero_lora(lora, k3)
+
+
+def _dense(lora):
+    return lora.merged()
+
+
+def _check(lora, x, dn, lora_is_lhs, dtype=None, preferred=None, grads=True):
+    def f(l, x):
+        args = (l, x) if lora_is_lhs else (x, l)
+        return lax.dot_general(*args, dn, preferred_element_type=preferred)
+
+    out = quax.quaxify(f)(lora, x)
+    ref = f(_dense(lora), x)
+    tol = TOLS[jnp.dtype(dtype or x.dtype)]
+    assert out.shape == ref.shape
+    assert out.dtype == ref.dtype
+    assert_tree_allclose(out, ref, **tol)
+    if not grads:
+        return
+    # Gradients with respect to a, b, w (stop_gradient=False) and x.
+    ct = jr.normal(jr.key(0), out.shape, jnp.float32).astype(out.dtype)
+
+    def loss_lora(w, a, b, x):
+        l = ql.LoraArray(w, a=a, b=b, alpha=lora.alpha, stop_gradient=False,
+                         batch_ndim=lora.batch_ndim)
+        y = quax.quaxify(f)(l, x)
+        return jnp.sum((y * ct).astype(jnp.float32))
+
+    def loss_ref(w, a, b, x):
+        l = ql.LoraArray(w, a=a, b=b, alpha=lora.alpha, stop_gradient=False,
+                         batch_ndim=lora.batch_ndim)
+        return jnp.sum((f(_dense(l), x) * ct).astype(jnp.float32))
+
+    args = (lora.weight, lora.a, lora.b, x)
+    g = jax.grad(loss_lora, argnums=(0, 1, 2, 3))(*args)
+    g_ref = jax.grad(loss_ref, argnums=(0, 1, 2, 3))(*args)
+    gtol = dict(tol, atol=tol["atol"] * 10)
+    assert_tree_allclose(g, g_ref, **gtol)
+
+
+# (weight shape, batch_ndim, x shape, dimension numbers, lora is lhs)
+CASES = [
+    # w @ x, as eqx.nn.Linear does.
+    ((5, 4), 0, (4,), (((1,), (0,)), ((), ())), True),
+    # w @ x under vmap: x batched on a free axis.
+    ((5, 4), 0, (7, 4), (((1,), (1,)), ((), ())), True),
+    # x @ w.T with the LoRA array on the right.
+    ((5, 4), 0, (2, 7, 4), (((2,), (1,)), ((), ())), False),
+    # x @ w: contraction over the output axis (a transposed use, tied weights).
+    ((5, 4), 0, (7, 5), (((1,), (0,)), ((), ())), False),
+    ((5, 4), 0, (5, 7), (((0,), (0,)), ((), ())), True),
+    # Stacked weights with a leading batch axis, batched against x.
+    ((3, 5, 4), 1, (3, 7, 4), (((2,), (2,)), ((0,), (0,))), True),
+    ((3, 5, 4), 1, (3, 7, 4), (((2,), (2,)), ((0,), (0,))), False),
+    # Stacked weight, batch axis left free.
+    ((3, 5, 4), 1, (7, 4), (((2,), (1,)), ((), ())), True),
+    # Contraction over both the output and an input axis.
+    ((5, 4), 0, (5, 4, 2), (((0, 1), (0, 1)), ((), ())), True),
+    # A conv-like weight with two rest axes, one contracted.
+    ((5, 4, 3), 0, (3, 6), (((2,), (0,)), ((), ())), True),
+    # Contraction over a stacking axis (summing layers).
+    ((3, 5, 4), 1, (3, 4), (((0, 2), (0, 1)), ((), ())), True),
+    # The output axis as a dot batch axis.
+    ((5, 4), 0, (5, 6), (((), ()), ((0,), (0,))), True),
+]
+
+
+@pytest.mark.parametrize("wshape,nb,xshape,dn,lhs", CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_cases(getkey, wshape, nb, xshape, dn, lhs, dtype):
+    lora = _lora(getkey(), wshape, batch_ndim=nb, dtype=dtype)
+    x = jr.normal(getkey(), xshape, dtype)
+    _check(lora, x, dn, lhs)
+
+
+@pytest.mark.parametrize("wshape,nb,xshape,dn,lhs", CASES[:6])
+def test_bf16(getkey, wshape, nb, xshape, dn, lhs):
+    lora = _lora(getkey(), wshape, batch_ndim=nb, dtype=jnp.bfloat16)
+    x = jr.normal(getkey(), xshape, jnp.bfloat16)
+    _check(lora, x, dn, lhs)
+
+
+def test_mixed_adapter_dtype(getkey):
+    # bf16 base, f32 adapters: the result has the dense bf16 op's dtype.
+    lora = _lora(getkey(), (6, 5), dtype=jnp.bfloat16, adapter_dtype=jnp.float32)
+    assert lora.a.dtype == jnp.float32 and lora.dtype == jnp.bfloat16
+    x = jr.normal(getkey(), (5,), jnp.bfloat16)
+    _check(lora, x, (((1,), (0,)), ((), ())), True)
+
+
+def test_preferred_element_type(getkey):
+    lora = _lora(getkey(), (6, 5), dtype=jnp.bfloat16)
+    x = jr.normal(getkey(), (3, 5), jnp.bfloat16)
+    dn = (((1,), (1,)), ((), ()))
+    # Tolerance of bf16: the reference rounds the merged weight to bf16.
+    _check(lora, x, dn, True, dtype=jnp.bfloat16, preferred=jnp.float32, grads=False)
+
+
+def test_lora_both_sides(getkey):
+    l1 = _lora(getkey(), (5, 4))
+    l2 = _lora(getkey(), (4, 6))
+    dn = (((1,), (0,)), ((), ()))
+    out = quax.quaxify(lambda x, y: lax.dot_general(x, y, dn))(l1, l2)
+    ref = lax.dot_general(l1.merged(), l2.merged(), dn)
+    assert_tree_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_matmul_forms(getkey):
+    lora = _lora(getkey(), (5, 4))
+    x = jr.normal(getkey(), (3, 4), jnp.float32)
+    w = lora.merged()
+    fns = [
+        lambda w, x: w @ x[0],
+        lambda w, x: x @ w.T,
+        lambda w, x: jnp.einsum("oi,bi->bo", w, x),
+        lambda w, x: jnp.dot(x, w.T),
+        lambda w, x: jnp.matmul(w, x.T),
+    ]
+    for fn in fns:
+        assert_tree_allclose(quax.quaxify(fn)(lora, x), fn(w, x), rtol=1e-5, atol=1e-6)
+
+
+def test_never_materialises(getkey):
+    # The weight-sized product b @ a never appears in the jaxpr: every dot has a
+    # rank-sized operand or is the base product against x.
+    lora = _lora(getkey(), (64, 48), rank=2)
+    x = jr.normal(getkey(), (48,), jnp.float32)
+    jaxpr = jax.make_jaxpr(quax.quaxify(lambda w, x: w @ x))(lora, x)
+    for eqn in jaxpr.jaxpr.eqns:
+        for v in eqn.outvars:
+            assert v.aval.shape != (64, 48), eqn
+
+
+@st.composite
+def _dimension_numbers(draw):
+    """A random LoRA weight and operand, with valid random dimension numbers."""
+    nb = draw(st.integers(0, 1))
+    n_rest = draw(st.integers(1, 2))
+    wshape = [draw(st.integers(1, 4)) for _ in range(nb + 1 + n_rest)]
+    roles = [draw(st.sampled_from(["free", "contract", "batch"])) for _ in wshape]
+    x_axes = [(i, r) for i, r in enumerate(roles) if r != "free"]
+    n_xfree = draw(st.integers(0, 2))
+    xshape_labels = [("w", i) for i, _ in x_axes] + [("x", j) for j in range(n_xfree)]
+    perm = draw(st.permutations(range(len(xshape_labels))))
+    xlabels = [xshape_labels[p] for p in perm]
+    xfree_sizes = [draw(st.integers(1, 4)) for _ in range(n_xfree)]
+    xshape = [wshape[l[1]] if l[0] == "w" else xfree_sizes[l[1]] for l in xlabels]
+    pos = {lab: k for k, lab in enumerate(xlabels)}
+    contract = [(i, pos[("w", i)]) for i, r in enumerate(roles) if r == "contract"]
+    batch = [(i, pos[("w", i)]) for i, r in enumerate(roles) if r == "batch"]
+    batch = draw(st.permutations(batch))
+    lc, xc = tuple(c[0] for c in contract), tuple(c[1] for c in contract)
+    lb, xb = tuple(b[0] for b in batch), tuple(b[1] for b in batch)
+    lhs = draw(st.booleans())
+    if lhs:
+        dn = ((lc, xc), (lb, xb))
+    else:
+        dn = ((xc, lc), (xb, lb))
+    rank = draw(st.integers(1, 3))
+    return tuple(wshape), nb, tuple(xshape), dn, lhs, rank
+
+
+@settings(max_examples=30, deadline=None)
+@given(_dimension_numbers())
+def test_random_dimension_numbers(case):
+    wshape, nb, xshape, dn, lhs, rank = case
+    key = jr.key(sum(wshape) + 7 * len(xshape))
+    lora = _lora(key, wshape, rank=rank, batch_ndim=nb, dtype=jnp.float64)
+    x = jr.normal(jr.fold_in(key, 1), xshape, jnp.float64)
+    _check(lora, x, dn, lhs)
+
+
+def test_zero_b_equals_base(getkey):
+    w = jr.normal(getkey(), (8, 6))
+    lora = ql.LoraArray(w, rank=2, key=getkey())
+    x = jr.normal(getkey(), (4, 6))
+    out = quax.quaxify(lambda w, x: x @ w.T)(lora, x)
+    np.testing.assert_allclose(out, x @ w.T, rtol=1e-6, atol=1e-6)
