@@ -1,0 +1,173 @@
+"""LoRA models under JAX transforms, against the merged (dense) model."""
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+import quax
+import quaxlora as ql
+
+from .helpers import assert_tree_allclose
+
+
+def _trained(model, key, scale=0.3):
+    """Give every `b` random values, as after some training."""
+    def perturb(x):
+        if isinstance(x, ql.LoraArray):
+            return eqx.tree_at(lambda l: l.b, x, scale * jr.normal(key, x.b.shape, x.b.dtype))
+        return x
+
+    return jax.tree_util.tree_map(perturb, model, is_leaf=lambda x: isinstance(x, ql.LoraArray))
+
+
+@pytest.fixture
+def mlp_pair(getkey):
+    mlp = eqx.nn.MLP(5, 3, 16, 2, activation=jnp.tanh, key=getkey(), dtype=jnp.float64)
+    lora = _trained(ql.loraify(mlp, rank=4, alpha=8.0, key=getkey()), getkey())
+    return lora, ql.merge(lora)
+
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def test_call_jit_vmap(mlp_pair, getkey):
+    lora, dense = mlp_pair
+    x = jr.normal(getkey(), (7, 5), jnp.float64)
+    assert_tree_allclose(quax.quaxify(lora)(x[0]), dense(x[0]), **TOL)
+    assert_tree_allclose(eqx.filter_jit(quax.quaxify(lora))(x[0]), dense(x[0]), **TOL)
+    call = eqx.filter_jit(lambda m, x: m(x))
+    assert_tree_allclose(quax.quaxify(call)(lora, x[0]), dense(x[0]), **TOL)
+    vmapped = jax.vmap(quax.quaxify(lora))(x)
+    assert_tree_allclose(vmapped, jax.vmap(dense)(x), **TOL)
+    vcall = jax.vmap(lambda m, x: m(x), in_axes=(None, 0))
+    assert_tree_allclose(quax.quaxify(vcall)(lora, x), jax.vmap(dense)(x), **TOL)
+
+
+def _loss(model, x):
+    return jnp.sum(jax.vmap(model)(x) ** 2)
+
+
+def test_grad_inside_and_outside(mlp_pair, getkey):
+    lora, dense = mlp_pair
+    x = jr.normal(getkey(), (7, 5), jnp.float64)
+    trainable, frozen = ql.partition(lora)
+
+    def loss(t, f, x):
+        return _loss(quax.quaxify(eqx.combine(t, f)), x)
+
+    # Reference: the same function of (a, b), with the merged weight formed densely.
+    def loss_ref(t, f, x):
+        return _loss(ql.merge(eqx.combine(t, f)), x)
+
+    g = eqx.filter_grad(loss)(trainable, frozen, x)
+    g_ref = eqx.filter_grad(loss_ref)(trainable, frozen, x)
+    assert_tree_allclose(g, g_ref, **TOL)
+    g_jit = eqx.filter_jit(eqx.filter_grad(loss))(trainable, frozen, x)
+    assert_tree_allclose(g_jit, g_ref, **TOL)
+    # quaxify outside grad: the gradient with respect to the input x.
+    gx = quax.quaxify(jax.grad(_loss, argnums=1))(lora, x)
+    assert_tree_allclose(gx, jax.grad(_loss, argnums=1)(dense, x), **TOL)
+    gx = quax.quaxify(eqx.filter_jit(jax.grad(_loss, argnums=1)))(lora, x)
+    assert_tree_allclose(gx, jax.grad(_loss, argnums=1)(dense, x), **TOL)
+
+
+def test_grad_of_lora_as_array(getkey):
+    # quaxify outside grad, differentiating with respect to the LoraArray itself:
+    # the gradient of the effective weight, as for the dense weight.
+    w = jr.normal(getkey(), (4, 3))
+    lora = _trained(ql.LoraArray(w, rank=2, key=getkey()), getkey())
+    x = jr.normal(getkey(), (5, 3))
+    f = lambda w, x: jnp.sum(jnp.sin(x @ w.T))
+    g = quax.quaxify(jax.grad(f))(lora, x)
+    assert_tree_allclose(g, jax.grad(f)(lora.merged(), x), **TOL)
+
+
+def test_cond(mlp_pair, getkey):
+    lora, dense = mlp_pair
+    x = jr.normal(getkey(), (5,), jnp.float64)
+
+    def f(m, x, p):
+        return lax.cond(p, lambda x: m(x), lambda x: -m(x), x)
+
+    for p in (True, False):
+        assert_tree_allclose(quax.quaxify(f)(lora, x, p), f(dense, x, p), **TOL)
+    g = jax.grad(lambda t, f_, x: jnp.sum(quax.quaxify(f)(eqx.combine(t, f_), x, True)))
+    trainable, frozen = ql.partition(lora)
+    g_ref = jax.grad(lambda t, f_, x: jnp.sum(f(ql.merge(eqx.combine(t, f_)), x, True)))
+    assert_tree_allclose(g(trainable, frozen, x), g_ref(trainable, frozen, x), **TOL)
+
+
+def test_checkpoint(mlp_pair, getkey):
+    lora, dense = mlp_pair
+    x = jr.normal(getkey(), (5,), jnp.float64)
+    f = eqx.filter_checkpoint(lambda m, x: m(x))
+    assert_tree_allclose(quax.quaxify(f)(lora, x), dense(x), **TOL)
+    trainable, frozen = ql.partition(lora)
+    g = jax.grad(lambda t: jnp.sum(quax.quaxify(f)(eqx.combine(t, frozen), x)))(trainable)
+    g_ref = jax.grad(lambda t: jnp.sum(ql.merge(eqx.combine(t, frozen))(x)))(trainable)
+    assert_tree_allclose(g, g_ref, **TOL)
+
+
+class Block(eqx.Module):
+    lin1: eqx.nn.Linear
+    lin2: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jr.split(key)
+        self.lin1 = eqx.nn.Linear(6, 12, key=k1, dtype=jnp.float64)
+        self.lin2 = eqx.nn.Linear(12, 6, key=k2, dtype=jnp.float64)
+
+    def __call__(self, x):
+        return x + self.lin2(jax.nn.gelu(self.lin1(x)))
+
+
+def _run_stack(blocks, x):
+    dynamic, static = eqx.partition(blocks, eqx.is_array)
+
+    def step(x, d):
+        return eqx.combine(d, static)(x), None
+
+    return lax.scan(step, x, dynamic)[0]
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_scan_over_stacked_layers(getkey, checkpoint):
+    blocks = eqx.filter_vmap(Block)(jr.split(getkey(), 4))
+    lora = _trained(ql.loraify(blocks, rank=2, key=getkey()), getkey())
+    assert lora.lin1.weight.a.shape == (4, 2, 6)
+    assert lora.lin1.weight.b.shape == (4, 12, 2)
+    dense = ql.merge(lora)
+    x = jr.normal(getkey(), (3, 6), jnp.float64)
+    run = eqx.filter_checkpoint(_run_stack) if checkpoint else _run_stack
+    f = lambda m, x: jax.vmap(lambda xi: run(m, xi))(x)
+    assert_tree_allclose(quax.quaxify(f)(lora, x), f(dense, x), **TOL)
+    assert_tree_allclose(eqx.filter_jit(quax.quaxify(f))(lora, x), f(dense, x), **TOL)
+    trainable, frozen = ql.partition(lora)
+    loss = lambda t, x: jnp.sum(quax.quaxify(f)(eqx.combine(t, frozen), x) ** 2)
+    loss_ref = lambda t, x: jnp.sum(f(ql.merge(eqx.combine(t, frozen)), x) ** 2)
+    g = eqx.filter_jit(eqx.filter_grad(loss))(trainable, x)
+    assert_tree_allclose(g, eqx.filter_grad(loss_ref)(trainable, x), **TOL)
+
+
+def test_vmap_over_stacked_lora(getkey):
+    # vmap over the stack axis itself, with quaxify outside and inside the vmap.
+    blocks = eqx.filter_vmap(Block)(jr.split(getkey(), 3))
+    lora = _trained(ql.loraify(blocks, rank=2, key=getkey()), getkey())
+    dense = ql.merge(lora)
+    x = jr.normal(getkey(), (3, 6), jnp.float64)
+    f = eqx.filter_vmap(lambda m, x: m(x))
+    assert_tree_allclose(quax.quaxify(f)(lora, x), f(dense, x), **TOL)
+    g = eqx.filter_vmap(lambda m, x: quax.quaxify(m)(x))
+    assert_tree_allclose(g(lora, x), f(dense, x), **TOL)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_low_precision_model(getkey, dtype):
+    mlp = eqx.nn.MLP(5, 3, 16, 2, key=getkey(), dtype=dtype)
+    lora = ql.loraify(mlp, rank=4, key=getkey())
+    x = jr.normal(getkey(), (5,), dtype)
+    out = eqx.filter_jit(quax.quaxify(lora))(x)
+    assert out.dtype == dtype
+    assert_tree_allclose(out, mlp(x), rtol=1e-2, atol=1e-2)
