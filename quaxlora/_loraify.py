@@ -89,7 +89,8 @@ def loraify(
         as PEFT's `target_modules` does — equal, a `"." + pattern` suffix, or a
         regular expression matching the whole path; a list of patterns and types (any
         may match); or a predicate `(path, module) -> bool`. Only supported layer
-        kinds are ever adapted. Default: `eqx.nn.Linear`.
+        kinds are ever adapted. Default: every `eqx.nn.Linear` not in
+        `modules_to_save`.
     - `exclude`: layers to leave alone, in the same forms as `where`.
     - `rslora`: use rank-stabilised scaling `alpha / sqrt(rank)`.
     - `modules_to_save`: patterns (as in `where`) of modules trained in full, like
@@ -121,6 +122,7 @@ def loraify(
     """
     if bias not in ("none", "all", "lora_only"):
         raise ValueError(f"`bias` must be 'none', 'all' or 'lora_only', got {bias!r}.")
+    explicit = where is not None
     where = eqx.nn.Linear if where is None else where
     flat, treedef = jtu.tree_flatten_with_path(model, is_leaf=_is_module)
     targets = []
@@ -133,6 +135,8 @@ def loraify(
         if isinstance(node.weight, LoraArray):
             raise ValueError(f"`{p}` already has a LoRA adapter.")
         if modules_to_save is not None and matches(modules_to_save, p, node):
+            if not explicit:
+                continue  # trained in full instead
             raise ValueError(
                 f"`{p}` is both a LoRA target and in `modules_to_save`; choose one."
             )

@@ -10,7 +10,6 @@ import pytest  # noqa: E402
 
 
 jax.config.update("jax_enable_x64", True)
-jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
@@ -18,3 +17,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def getkey():
     keys = iter(jr.split(jr.key(5678), 10_000))
     return lambda: next(keys)
+
+
+@pytest.fixture
+def strict_promotion():
+    """Strict dtype promotion, so a rule that silently promotes fails its test.
+    (Used by the rule tests; optax itself needs standard promotion.)"""
+    with jax.numpy_dtype_promotion("strict"):
+        yield

@@ -13,6 +13,9 @@ from hypothesis import given, settings, strategies as st
 from .helpers import assert_tree_allclose, nonzero_lora, TOLS
 
 
+pytestmark = pytest.mark.usefixtures("strict_promotion")
+
+
 def _lora(key, shape, rank=3, batch_ndim=0, dtype=jnp.float32, adapter_dtype=None):
     k1, k2, k3 = jr.split(key, 3)
     w = jr.normal(k1, shape, dtype)

@@ -12,6 +12,9 @@ import quaxlora as ql
 from .helpers import assert_tree_allclose
 
 
+pytestmark = pytest.mark.usefixtures("strict_promotion")
+
+
 def _trained(model, key, scale=0.3):
     """Give every `b` random values, as after some training."""
     def perturb(x):
