@@ -20,10 +20,11 @@ import jax.random as jr
 import numpy as np
 import optax
 import quax
-import quaxlora as ql
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
+
+import quaxlora as ql
 
 
 def load_data(seed: int = 0):
@@ -126,8 +127,14 @@ def main(
 
     model = eqx.nn.MLP(64, 10, width, depth, activation=jax.nn.gelu, key=key_model)
     model = pretrain(
-        model, x_train, y_train, steps=pretrain_steps, batch_size=batch_size,
-        lr=1e-3, key=key_pre, progress=progress,
+        model,
+        x_train,
+        y_train,
+        steps=pretrain_steps,
+        batch_size=batch_size,
+        lr=1e-3,
+        key=key_pre,
+        progress=progress,
     )
     xs_train, xs_test = shift(x_train), shift(x_test)
     acc_orig = accuracy(model, x_test, y_test)
@@ -135,8 +142,15 @@ def main(
 
     lora_model = ql.loraify(model, rank=rank, alpha=2 * rank, key=key_lora)
     lora_model, losses = lora_finetune(
-        lora_model, xs_train, y_train, rank=rank, steps=lora_steps,
-        batch_size=batch_size, lr=3e-3, key=key_data, progress=progress,
+        lora_model,
+        xs_train,
+        y_train,
+        rank=rank,
+        steps=lora_steps,
+        batch_size=batch_size,
+        lr=3e-3,
+        key=key_data,
+        progress=progress,
     )
     acc_after = accuracy(quax.quaxify(lora_model), xs_test, y_test)
     merged = ql.merge(lora_model)

@@ -3,8 +3,8 @@
 import importlib.metadata
 
 from . import _rules as _rules
-from ._loraify import loraify as loraify
 from ._lora_array import LoraArray as LoraArray
+from ._loraify import loraify as loraify
 from ._merge import merge as merge, unloraify as unloraify
 from ._train import (
     count_parameters as count_parameters,

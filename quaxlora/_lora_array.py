@@ -109,7 +109,9 @@ class LoraArray(quax.ArrayValue):
         """
         shape = tuple(weight.shape)
         if not isinstance(batch_ndim, int) or batch_ndim < 0:
-            raise ValueError(f"`batch_ndim` must be a non-negative int, got {batch_ndim}")
+            raise ValueError(
+                f"`batch_ndim` must be a non-negative int, got {batch_ndim}"
+            )
         if len(shape) < batch_ndim + 2:
             raise ValueError(
                 "`LoraArray` needs a weight with at least 2 non-batch axes "
@@ -121,7 +123,11 @@ class LoraArray(quax.ArrayValue):
                 f"{weight.dtype}. Integer (quantised) bases must be wrapped in a "
                 "`quax.ArrayValue` whose dtype is floating."
             )
-        batch, out, rest = shape[:batch_ndim], shape[batch_ndim], shape[batch_ndim + 1 :]
+        batch, out, rest = (
+            shape[:batch_ndim],
+            shape[batch_ndim],
+            shape[batch_ndim + 1 :],
+        )
         if a is None and b is None:
             rank = _check_rank(rank)
             if key is None:
@@ -198,9 +204,7 @@ class LoraArray(quax.ArrayValue):
         )
 
     @staticmethod
-    def default(
-        primitive: jexc.Primitive, values: Any, params: dict[str, Any]
-    ) -> Any:
+    def default(primitive: jexc.Primitive, values: Any, params: dict[str, Any]) -> Any:
         loras = [v for v in values if isinstance(v, LoraArray)]
         if not all(v.allow_materialise for v in loras):
             raise TypeError(

@@ -29,7 +29,9 @@ def _is_module(x: Any) -> bool:
 
 
 def _leaf_paths(model: PyTree) -> list[str]:
-    return [path_str(p) for p, _ in jtu.tree_leaves_with_path(model, is_leaf=is_adapted)]
+    return [
+        path_str(p) for p, _ in jtu.tree_leaves_with_path(model, is_leaf=is_adapted)
+    ]
 
 
 def _in_module(leaf_path: str, where: Where) -> bool:

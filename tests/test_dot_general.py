@@ -1,4 +1,4 @@
-"""`dot_general` with a `LoraArray`: values and gradients against the dense reference."""
+"""`dot_general` with a `LoraArray`: values and gradients vs the dense reference."""
 
 import jax
 import jax.lax as lax
@@ -7,8 +7,9 @@ import jax.random as jr
 import numpy as np
 import pytest
 import quax
-import quaxlora as ql
 from hypothesis import given, settings, strategies as st
+
+import quaxlora as ql
 
 from .helpers import assert_tree_allclose, nonzero_lora, TOLS
 
@@ -52,14 +53,26 @@ def _check(lora, x, dn, lora_is_lhs, dtype=None, preferred=None, grads=True):
     ct = jr.normal(jr.key(0), out.shape, jnp.float32).astype(out.dtype)
 
     def loss_lora(w, a, b, x):
-        l = ql.LoraArray(w, a=a, b=b, alpha=lora.alpha, stop_gradient=False,
-                         batch_ndim=lora.batch_ndim)
+        l = ql.LoraArray(
+            w,
+            a=a,
+            b=b,
+            alpha=lora.alpha,
+            stop_gradient=False,
+            batch_ndim=lora.batch_ndim,
+        )
         y = quax.quaxify(f)(l, x)
         return jnp.sum((y * ct).astype(jnp.float32))
 
     def loss_ref(w, a, b, x):
-        l = ql.LoraArray(w, a=a, b=b, alpha=lora.alpha, stop_gradient=False,
-                         batch_ndim=lora.batch_ndim)
+        l = ql.LoraArray(
+            w,
+            a=a,
+            b=b,
+            alpha=lora.alpha,
+            stop_gradient=False,
+            batch_ndim=lora.batch_ndim,
+        )
         return jnp.sum((f(_dense(l), x) * ct).astype(jnp.float32))
 
     args = (lora.weight, lora.a, lora.b, x)

@@ -8,6 +8,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 import quax
+
 import quaxlora as ql
 
 from .helpers import assert_tree_allclose, nonzero_lora
@@ -38,7 +39,9 @@ def test_batch_axes_and_conv_shape(getkey):
     "alpha,rslora,expected", [(None, False, 1.0), (16, False, 4.0), (16, True, 8.0)]
 )
 def test_scaling(getkey, alpha, rslora, expected):
-    lora = ql.LoraArray(jnp.ones((3, 3)), rank=4, alpha=alpha, rslora=rslora, key=getkey())
+    lora = ql.LoraArray(
+        jnp.ones((3, 3)), rank=4, alpha=alpha, rslora=rslora, key=getkey()
+    )
     assert lora.scaling == expected
     lora = nonzero_lora(lora, getkey())
     expected_delta = expected * (lora.b @ lora.a)
@@ -89,7 +92,9 @@ def test_stop_gradient(getkey):
     w = jr.normal(getkey(), (4, 3))
     x = jr.normal(getkey(), (3,))
     for stop, expect_zero in [(True, True), (False, False)]:
-        lora = nonzero_lora(ql.LoraArray(w, rank=2, stop_gradient=stop, key=getkey()), getkey())
+        lora = nonzero_lora(
+            ql.LoraArray(w, rank=2, stop_gradient=stop, key=getkey()), getkey()
+        )
 
         def loss(l):
             return jnp.sum(quax.quaxify(lambda l, x: l @ x)(l, x))
@@ -120,7 +125,9 @@ def test_allow_materialise_fallback(getkey):
 
 
 def test_transpose_stays_lora(getkey):
-    lora = nonzero_lora(ql.LoraArray(jr.normal(getkey(), (5, 4)), rank=2, key=getkey()), getkey())
+    lora = nonzero_lora(
+        ql.LoraArray(jr.normal(getkey(), (5, 4)), rank=2, key=getkey()), getkey()
+    )
     out = quax.quaxify(lambda l: l.T)(lora)
     assert isinstance(out, ql.LoraArray)
     assert out.a.shape == (2, 5) and out.b.shape == (4, 2)
@@ -129,12 +136,16 @@ def test_transpose_stays_lora(getkey):
 
 def test_transpose_batched_and_conv(getkey):
     lora = nonzero_lora(
-        ql.LoraArray(jr.normal(getkey(), (2, 5, 4)), rank=2, batch_ndim=1, key=getkey()),
+        ql.LoraArray(
+            jr.normal(getkey(), (2, 5, 4)), rank=2, batch_ndim=1, key=getkey()
+        ),
         getkey(),
     )
     out = quax.quaxify(lambda l: jnp.swapaxes(l, 1, 2))(lora)
     assert isinstance(out, ql.LoraArray)
-    np.testing.assert_allclose(out.merged(), jnp.swapaxes(lora.merged(), 1, 2), rtol=1e-12)
+    np.testing.assert_allclose(
+        out.merged(), jnp.swapaxes(lora.merged(), 1, 2), rtol=1e-12
+    )
     conv = nonzero_lora(
         ql.LoraArray(jr.normal(getkey(), (6, 3, 2, 5)), rank=2, key=getkey()), getkey()
     )
@@ -156,7 +167,9 @@ def test_convert_element_type(getkey):
     x = jnp.ones((4,), jnp.bfloat16)
     y = quax.quaxify(lambda l, x: l.astype(jnp.bfloat16) @ x)(lora, x)
     assert y.dtype == jnp.bfloat16
-    assert_tree_allclose(y, lora.merged().astype(jnp.bfloat16) @ x, rtol=5e-2, atol=5e-2)
+    assert_tree_allclose(
+        y, lora.merged().astype(jnp.bfloat16) @ x, rtol=5e-2, atol=5e-2
+    )
     with pytest.raises(TypeError, match="`convert_element_type`"):
         quax.quaxify(lambda l: l.astype(jnp.int32))(lora)
 
@@ -174,7 +187,9 @@ def test_pytree_and_static(getkey):
 
 
 def test_checkpoint_rule(getkey):
-    lora = nonzero_lora(ql.LoraArray(jr.normal(getkey(), (5, 4)), rank=2, key=getkey()), getkey())
+    lora = nonzero_lora(
+        ql.LoraArray(jr.normal(getkey(), (5, 4)), rank=2, key=getkey()), getkey()
+    )
     x = jr.normal(getkey(), (4,))
     f = eqx.filter_checkpoint(lambda l, x: jnp.tanh(l @ x))
     out = quax.quaxify(f)(lora, x)
@@ -188,7 +203,11 @@ def test_checkpoint_rule(getkey):
 
 
 def test_lax_dot_general_direct(getkey):
-    lora = nonzero_lora(ql.LoraArray(jr.normal(getkey(), (5, 4)), rank=2, key=getkey()), getkey())
+    lora = nonzero_lora(
+        ql.LoraArray(jr.normal(getkey(), (5, 4)), rank=2, key=getkey()), getkey()
+    )
     x = jr.normal(getkey(), (3, 4))
     f = lambda l, x: lax.dot_general(x, l, (((1,), (1,)), ((), ())))
-    np.testing.assert_allclose(quax.quaxify(f)(lora, x), f(lora.merged(), x), rtol=1e-10)
+    np.testing.assert_allclose(
+        quax.quaxify(f)(lora, x), f(lora.merged(), x), rtol=1e-10
+    )

@@ -5,6 +5,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 import quax
+
 import quaxlora as ql
 
 from .helpers import assert_tree_allclose
@@ -18,7 +19,9 @@ def _is_lora(x):
 
 
 def _loras(model):
-    return [x for x in jax.tree_util.tree_leaves(model, is_leaf=_is_lora) if _is_lora(x)]
+    return [
+        x for x in jax.tree_util.tree_leaves(model, is_leaf=_is_lora) if _is_lora(x)
+    ]
 
 
 class Custom(eqx.Module):
@@ -78,7 +81,9 @@ def test_original_unchanged(custom, getkey):
     ],
 )
 def test_where_forms(custom, getkey, where, expected):
-    assert len(_loras(ql.loraify(custom, rank=2, where=where, key=getkey()))) == expected
+    assert (
+        len(_loras(ql.loraify(custom, rank=2, where=where, key=getkey()))) == expected
+    )
 
 
 def test_paths_seen_by_predicate(custom, getkey):
@@ -147,8 +152,13 @@ def test_modules_to_save_and_bias(custom, getkey):
     x = jr.normal(getkey(), (4,))
     assert_tree_allclose(quax.quaxify(lora)(x), custom(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="both a LoRA target and in `modules_to_save`"):
-        ql.loraify(custom, rank=2, where=eqx.nn.Linear, modules_to_save=["heads.cls"],
-                   key=getkey())
+        ql.loraify(
+            custom,
+            rank=2,
+            where=eqx.nn.Linear,
+            modules_to_save=["heads.cls"],
+            key=getkey(),
+        )
     # With the default targets, modules to save are simply not adapted.
     dflt = ql.loraify(custom, rank=2, modules_to_save=["heads.cls"], key=getkey())
     assert isinstance(dflt.heads["cls"].weight, ql.Trainable)
@@ -164,10 +174,13 @@ def test_modules_to_save_and_bias(custom, getkey):
 
 
 def test_count_parameters(custom, getkey):
-    lora = ql.loraify(custom, rank=2, where=r"layers\.\d", modules_to_save="heads.cls",
-                      key=getkey())
+    lora = ql.loraify(
+        custom, rank=2, where=r"layers\.\d", modules_to_save="heads.cls", key=getkey()
+    )
     counts = ql.count_parameters(lora)
-    base_total = sum(x.size for x in jax.tree_util.tree_leaves(custom) if eqx.is_array(x))
+    base_total = sum(
+        x.size for x in jax.tree_util.tree_leaves(custom) if eqx.is_array(x)
+    )
     adapters = 2 * (4 + 8) + 2 * (8 + 8)
     head = 3 * 8 + 3
     assert counts.trainable == adapters + head

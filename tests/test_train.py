@@ -10,6 +10,7 @@ import jax.random as jr
 import numpy as np
 import optax
 import quax
+
 import quaxlora as ql
 
 from .helpers import assert_tree_allclose
@@ -26,7 +27,9 @@ def _size(tree):
 def _adapter_size(model):
     loras = [
         x
-        for x in jax.tree_util.tree_leaves(model, is_leaf=lambda x: isinstance(x, ql.LoraArray))
+        for x in jax.tree_util.tree_leaves(
+            model, is_leaf=lambda x: isinstance(x, ql.LoraArray)
+        )
         if isinstance(x, ql.LoraArray)
     ]
     return sum(l.a.size + l.b.size for l in loras)
@@ -40,8 +43,9 @@ def _frozen_leaves(model):
 def test_adapter_only_training_on_digits(getkey):
     x_train, x_test, y_train, y_test = digits.load_data()
     x_train, y_train = jnp.asarray(x_train, jnp.float32), jnp.asarray(y_train)
-    base = eqx.nn.MLP(64, 10, 32, 2, activation=jax.nn.gelu, key=getkey(),
-                      dtype=jnp.float32)
+    base = eqx.nn.MLP(
+        64, 10, 32, 2, activation=jax.nn.gelu, key=getkey(), dtype=jnp.float32
+    )
     model = ql.loraify(base, rank=4, key=getkey())
     trainable, frozen = ql.partition(model)
     opt = optax.adam(1e-2)
@@ -61,7 +65,9 @@ def test_adapter_only_training_on_digits(getkey):
     losses = []
     for i in range(60):
         sl = slice((i * 64) % 1200, (i * 64) % 1200 + 64)
-        trainable, state, value, grads = step(trainable, state, x_train[sl], y_train[sl])
+        trainable, state, value, grads = step(
+            trainable, state, x_train[sl], y_train[sl]
+        )
         losses.append(float(value))
     # Gradients and optimiser state hold the adapters and nothing else.
     assert _size(grads) == adapters
@@ -88,10 +94,13 @@ def test_merge_equals_factored_and_unloraify(getkey):
     merged = ql.merge(model)
     assert not any(
         isinstance(l, quax.Value)
-        for l in jax.tree_util.tree_leaves(merged, is_leaf=lambda v: isinstance(v, quax.Value))
+        for l in jax.tree_util.tree_leaves(
+            merged, is_leaf=lambda v: isinstance(v, quax.Value)
+        )
     )
-    assert_tree_allclose(jax.vmap(merged)(x), jax.vmap(quax.quaxify(model))(x),
-                         rtol=1e-10, atol=1e-10)
+    assert_tree_allclose(
+        jax.vmap(merged)(x), jax.vmap(quax.quaxify(model))(x), rtol=1e-10, atol=1e-10
+    )
     assert merged.layers[0].weight.dtype == base.layers[0].weight.dtype
     # unloraify: the base leaves back, unchanged (the saved module was trained).
     back = ql.unloraify(model)
@@ -110,8 +119,13 @@ def test_unloraify_roundtrip(getkey):
 
 def test_digits_example_smoke():
     out = digits.main(
-        width=32, rank=4, pretrain_steps=150, lora_steps=150, batch_size=64,
-        progress=False, verbose=False,
+        width=32,
+        rank=4,
+        pretrain_steps=150,
+        lora_steps=150,
+        batch_size=64,
+        progress=False,
+        verbose=False,
     )
     assert out["acc_original"] > 0.7
     assert out["acc_after"] > out["acc_before"] + 0.3

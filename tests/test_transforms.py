@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import pytest
 import quax
+
 import quaxlora as ql
 
 from .helpers import assert_tree_allclose
@@ -17,12 +18,17 @@ pytestmark = pytest.mark.usefixtures("strict_promotion")
 
 def _trained(model, key, scale=0.3):
     """Give every `b` random values, as after some training."""
+
     def perturb(x):
         if isinstance(x, ql.LoraArray):
-            return eqx.tree_at(lambda l: l.b, x, scale * jr.normal(key, x.b.shape, x.b.dtype))
+            return eqx.tree_at(
+                lambda l: l.b, x, scale * jr.normal(key, x.b.shape, x.b.dtype)
+            )
         return x
 
-    return jax.tree_util.tree_map(perturb, model, is_leaf=lambda x: isinstance(x, ql.LoraArray))
+    return jax.tree_util.tree_map(
+        perturb, model, is_leaf=lambda x: isinstance(x, ql.LoraArray)
+    )
 
 
 @pytest.fixture
@@ -108,7 +114,9 @@ def test_checkpoint(mlp_pair, getkey):
     f = eqx.filter_checkpoint(lambda m, x: m(x))
     assert_tree_allclose(quax.quaxify(f)(lora, x), dense(x), **TOL)
     trainable, frozen = ql.partition(lora)
-    g = jax.grad(lambda t: jnp.sum(quax.quaxify(f)(eqx.combine(t, frozen), x)))(trainable)
+    g = jax.grad(lambda t: jnp.sum(quax.quaxify(f)(eqx.combine(t, frozen), x)))(
+        trainable
+    )
     g_ref = jax.grad(lambda t: jnp.sum(ql.merge(eqx.combine(t, frozen))(x)))(trainable)
     assert_tree_allclose(g, g_ref, **TOL)
 
