@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import quax
-import quaxlora as ql
 from jaxtyping import ArrayLike
+
+import quaxlora as ql
 
 from .helpers import assert_tree_allclose, nonzero_lora
 
