@@ -1,0 +1,270 @@
+"""Several adapters on one base: extract, put in, combine, and unmerge."""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import equinox as eqx
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import quax
+from jaxtyping import PyTree
+
+from ._lora_array import _dense_weight, LoraArray
+from ._paths import path_str
+from ._train import is_adapted, is_trainable, Trainable
+
+
+def _is_value(x: Any) -> bool:
+    return isinstance(x, quax.ArrayValue)
+
+
+def model_leaves(model: PyTree) -> dict[str, Any]:
+    """`{dotted path: leaf}`, with every quax value (adapters, quantised weights)
+    kept whole."""
+    flat = jtu.tree_leaves_with_path(model, is_leaf=_is_value)
+    return {path_str(p): x for p, x in flat}
+
+
+def adapted_leaves(model: PyTree) -> dict[str, Any]:
+    """`{dotted path: leaf}` of the `LoraArray`s and `Trainable`s of `model`."""
+    return {p: x for p, x in model_leaves(model).items() if is_adapted(x)}
+
+
+def replace_leaves(model: PyTree, new: dict[str, Any]) -> PyTree:
+    """`model` with the leaf at each path of `new` replaced."""
+    flat, treedef = jtu.tree_flatten_with_path(model, is_leaf=_is_value)
+    leaves = [new.get(path_str(p), x) for p, x in flat]
+    return jtu.tree_unflatten(treedef, leaves)
+
+
+def adapters(model: PyTree) -> PyTree:
+    """The adapters of a model, without its frozen weights.
+
+    This is the trainable half of `quaxlora.partition(model)`: a pytree of `model`'s
+    structure holding the `a`, `b` (and the rank, alpha, scaling mode) of every
+    `LoraArray`, with `None` for its frozen weight, and every `Trainable` array;
+    `None` everywhere else. It is small — keep one per task and put it on the base
+    with `quaxlora.with_adapters`.
+
+    **Arguments:**
+
+    - `model`: a model with adapters.
+
+    **Returns:**
+
+    The adapter pytree.
+    """
+    return eqx.filter(model, is_trainable(model))
+
+
+def _fit(p: str, ad: Any, old: Any) -> Any:
+    """The adapter leaf `ad` (weight possibly `None`) put on the model leaf `old`."""
+    base = old.weight if isinstance(old, LoraArray) else old
+    if isinstance(base, Trainable):
+        base = base.array
+    if isinstance(ad, Trainable):
+        if (tuple(ad.array.shape), ad.array.dtype) != (base.shape, base.dtype):
+            raise ValueError(
+                f"`adapters` at `{p}`: array {ad.array.shape} {ad.array.dtype} does "
+                f"not match the model's {base.shape} {base.dtype}."
+            )
+        return ad
+    try:
+        return LoraArray(
+            base,
+            a=ad.a,
+            b=ad.b,
+            rank=ad.rank,
+            alpha=ad.alpha,
+            rslora=ad.rslora,
+            stop_gradient=ad.stop_gradient,
+            allow_materialise=ad.allow_materialise,
+            batch_ndim=ad.batch_ndim,
+        )
+    except ValueError as e:
+        raise ValueError(f"`adapters` at `{p}` do not fit the model: {e}") from None
+
+
+def with_adapters(model: PyTree, adapters: PyTree) -> PyTree:
+    """Put an adapter pytree on a model: switch adapters.
+
+    Every `LoraArray` of `adapters` is rebuilt on the weight at the same path of
+    `model`, and every `Trainable` replaces the array there. Any other `LoraArray`
+    that `model` had is dropped back to its frozen weight, so the result carries
+    exactly the adapters given. (A `Trainable` of `model` that `adapters` does not
+    replace is an error: the base array it stands in for is not stored.)
+    `with_adapters(base, quaxlora.adapters(m))` rebuilds `m` from its base.
+
+    To disable adapters, use the base model itself (or `quaxlora.unloraify(model)`,
+    which is the base model whenever there are no `modules_to_save`).
+
+    **Arguments:**
+
+    - `model`: the base model, or a model with (other) adapters.
+    - `adapters`: an adapter pytree (`quaxlora.adapters`), or any model with
+        adapters, of the same module structure as `model`.
+
+    **Returns:**
+
+    `model` with the adapters in place. A path of `adapters` that `model` lacks, or
+    whose shapes do not fit, raises a `ValueError` naming it.
+
+    !!! Example
+
+        ```python
+        task_a, task_b = ql.adapters(model_a), ql.adapters(model_b)
+        model = ql.with_adapters(base, task_a)   # serve task A
+        model = ql.with_adapters(model, task_b)  # switch to task B
+        ```
+    """
+    leaves = model_leaves(model)
+    given = adapted_leaves(adapters)
+    new = {p: x.weight for p, x in leaves.items() if isinstance(x, LoraArray)}
+    for p, x in leaves.items():
+        if isinstance(x, Trainable) and p not in given:
+            raise ValueError(
+                f"`model` has a trained array at `{p}` (`modules_to_save`) that "
+                "`adapters` does not replace, and the base array it replaced is not "
+                "stored; put the adapters on the base model instead."
+            )
+    for p, ad in given.items():
+        if p not in leaves:
+            raise ValueError(f"`adapters` has `{p}`, which `model` does not have.")
+        new[p] = _fit(p, ad, leaves[p])
+    return replace_leaves(model, new)
+
+
+def combine_adapters(
+    models: Sequence[PyTree], weights: Sequence[float] | None = None
+) -> PyTree:
+    """A linear combination of adapters trained on one base.
+
+    For each target, `sum_i weights[i] * scaling_i * b_i @ a_i` is exactly one LoRA
+    update of rank `sum_i rank_i`: its factors are the `a_i` stacked along the rank
+    axis and the `weights[i] * scaling_i * b_i` side by side (with `alpha` equal to
+    the new rank, so scaling 1). Nothing is approximated. `Trainable` arrays
+    (`modules_to_save`) are combined as `sum_i weights[i] * array_i`.
+
+    **Arguments:**
+
+    - `models`: models with adapters on the same base (or adapter pytrees), with
+        the same adapted paths and factor dtypes. The frozen weights are taken from
+        the first.
+    - `weights`: one float per model; default all `1.0` (the sum of the updates).
+
+    **Returns:**
+
+    The first model with its adapters replaced by the combination.
+
+    !!! Example
+
+        ```python
+        both = ql.combine_adapters([model_a, model_b], [0.7, 0.3])
+        ```
+    """
+    models = list(models)
+    if not models:
+        raise ValueError("`models` must contain at least one model.")
+    weights = [1.0] * len(models) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(models):
+        raise ValueError(
+            f"`weights` has {len(weights)} entries for {len(models)} `models`."
+        )
+    ads = [adapted_leaves(m) for m in models]
+    for i, ad in enumerate(ads[1:], 1):
+        diff = sorted(set(ads[0]) ^ set(ad))
+        if diff:
+            raise ValueError(
+                f"`models[0]` and `models[{i}]` have different adapters: `{diff[0]}` "
+                "is in only one of them."
+            )
+    new = {p: _combine(p, [ad[p] for ad in ads], weights) for p in ads[0]}
+    return replace_leaves(models[0], new)
+
+
+def _combine(p: str, leaves: list[Any], weights: list[float]) -> Any:
+    kinds = {type(x) for x in leaves}
+    dtypes = {x.a.dtype if isinstance(x, LoraArray) else x.array.dtype for x in leaves}
+    if len(kinds) != 1 or len(dtypes) != 1:
+        raise ValueError(
+            f"`models` differ at `{p}`: mixed kinds {kinds} or dtypes {dtypes}."
+        )
+    (dtype,) = dtypes
+    if isinstance(leaves[0], Trainable):
+        return Trainable(sum(w * x.array for w, x in zip(weights, leaves)))
+    n = leaves[0].batch_ndim
+    if any(
+        x.batch_ndim != n
+        or x.a.shape[n + 1 :] != leaves[0].a.shape[n + 1 :]
+        or x.b.shape[: n + 1] != leaves[0].b.shape[: n + 1]
+        for x in leaves
+    ):
+        raise ValueError(f"`models` have factors of different shapes at `{p}`.")
+    a = jnp.concatenate([x.a for x in leaves], axis=n)
+    b = jnp.concatenate(
+        [jnp.asarray(w * x.scaling, dtype) * x.b for w, x in zip(weights, leaves)],
+        axis=n + 1,
+    )
+    rank = sum(x.rank for x in leaves)
+    return _replace_fields(
+        leaves[0], a=a, b=b, rank=rank, alpha=float(rank), rslora=False
+    )
+
+
+def _replace_fields(x: LoraArray, **changes: Any) -> LoraArray:
+    """`x` with some fields (static ones included) changed, without re-running
+    `__init__` (whose checks need a weight, which an adapter pytree lacks)."""
+    new = object.__new__(type(x))
+    for f in dataclasses.fields(x):
+        object.__setattr__(new, f.name, changes.get(f.name, getattr(x, f.name)))
+    return new
+
+
+def _delta(x: LoraArray, dtype: Any) -> Any:
+    """`scaling * b @ a` in `dtype`, computed as `LoraArray.delta` does."""
+    n = x.batch_ndim
+    batch = tuple(range(n))
+    d = lax.dot_general(x.b, x.a, (((n + 1,), (n,)), (batch, batch)))
+    return (x.scaling * d).astype(dtype)
+
+
+def unmerge(merged: PyTree, adapters: PyTree) -> PyTree:
+    """Recover the base model from a merged model and its adapters.
+
+    For every `LoraArray` of `adapters`, the weight at its path in `merged`
+    (`quaxlora.merge`'s `w + scaling * b @ a`) becomes `merged - scaling * b @ a`,
+    computed as `merge` computed it and rounded once to the weight's dtype.
+
+    This is exact up to rounding: `merge` rounded `w + delta` once and `unmerge`
+    rounds the difference once, so elementwise
+    `|unmerge - w| <= u * (|w| + |w + delta|)` (to first order), with `u` the unit
+    roundoff of the weight's dtype (`2**-24` for float32, `2**-8` for bfloat16).
+    Where `delta` is much larger than `w` the *relative* error in `w` can be large;
+    keep the base weights if you need them bit for bit. `Trainable` arrays
+    (`modules_to_save`) replaced the base arrays entirely, so they cannot be
+    unmerged: they are left as they are in `merged`.
+
+    **Arguments:**
+
+    - `merged`: the output of `quaxlora.merge(model)`.
+    - `adapters`: `model` itself, or its adapter pytree `quaxlora.adapters(model)`.
+
+    **Returns:**
+
+    `merged` with the base weights restored (a plain model).
+    """
+    leaves = model_leaves(merged)
+    new = {}
+    for p, ad in adapted_leaves(adapters).items():
+        if not isinstance(ad, LoraArray):
+            continue
+        w = leaves.get(p)
+        if w is None or tuple(w.shape) != tuple(ad.b.shape[:-1]) + tuple(
+            ad.a.shape[ad.batch_ndim + 1 :]
+        ):
+            raise ValueError(f"`merged` has no weight of the adapter's shape at `{p}`.")
+        w = _dense_weight(w)
+        new[p] = (w - _delta(ad, w.dtype)).astype(w.dtype)
+    return replace_leaves(merged, new)

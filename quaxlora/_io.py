@@ -1,0 +1,456 @@
+"""Adapter-only files: `save_adapters` / `load_adapters`, in safetensors format."""
+
+import hashlib
+import json
+import math
+import os
+import struct
+import tempfile
+from typing import Any, Literal, overload
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jaxtyping import PyTree
+
+from ._adapters import adapted_leaves, model_leaves, replace_leaves
+from ._lora_array import LoraArray
+from ._train import Trainable
+
+
+FORMAT = "quaxlora.adapters"
+FORMAT_VERSION = 1
+
+_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+
+#
+# Raw safetensors reading and writing (also used by the PEFT interchange).
+#
+
+
+def write_safetensors(
+    path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str]
+) -> None:
+    """Write `tensors` to `path` in the safetensors format, atomically: into a
+    temporary file in the same folder, flushed to disk, then renamed over `path`.
+    On any error, whatever was at `path` is untouched."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    chunks, offset = [], 0
+    for name, x in tensors.items():
+        x = np.asarray(x)
+        if x.dtype not in _CODES:
+            raise TypeError(f"Cannot save `{name}` of dtype {x.dtype} to safetensors.")
+        if x.dtype.byteorder == ">":
+            x = x.astype(x.dtype.newbyteorder("<"))
+        data = np.ascontiguousarray(x).tobytes()
+        header[name] = {
+            "dtype": _CODES[x.dtype],
+            "shape": list(x.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(head)) + head)
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _mode(path))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _mode(path: str) -> int:
+    """The permissions a plainly created file would get (`mkstemp` uses 0o600)."""
+    if os.path.exists(path):
+        return os.stat(path).st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate keys")
+    return out
+
+
+def _tensor(buf: memoryview, name: str, info: Any) -> tuple[np.ndarray, tuple]:
+    """One tensor of the byte buffer, checked against the safetensors rules."""
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise ValueError(f"tensor `{name}` has a malformed entry")
+    dtype, shape, span = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in _DTYPES:
+        raise ValueError(f"tensor `{name}` has unsupported dtype {dtype!r}")
+    ints = lambda xs: (
+        isinstance(xs, list)
+        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in xs)
+    )
+    if not ints(shape) or not ints(span) or len(span) != 2:
+        raise ValueError(f"tensor `{name}` has a malformed shape or offsets")
+    start, stop = span
+    size = math.prod(shape) * _DTYPES[dtype].itemsize
+    if not start <= stop <= len(buf) or stop - start != size:
+        raise ValueError(f"tensor `{name}`'s data is out of bounds (truncated?)")
+    x = np.frombuffer(buf[start:stop], _DTYPES[dtype].newbyteorder("<"))
+    return x.reshape(shape).astype(_DTYPES[dtype]), (start, stop)
+
+
+def read_safetensors(
+    path: str | os.PathLike,
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read a whole safetensors file, checking it against the format's rules:
+    `(tensors, metadata)`. A malformed file raises `ValueError`, a missing one
+    `FileNotFoundError`."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No file at `path` {path!r}.")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        if len(data) < 8:
+            raise ValueError(f"the file is only {len(data)} bytes long (truncated?)")
+        (n,) = struct.unpack("<Q", data[:8])
+        if n > len(data) - 8:
+            raise ValueError("its header runs past the end of the file (truncated?)")
+        try:
+            header = json.loads(data[8 : 8 + n], object_pairs_hook=_no_duplicates)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"its header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(
+            isinstance(v, str) for v in metadata.values()
+        ):
+            raise ValueError("its metadata is not a map of strings")
+        buf = memoryview(data)[8 + n :]
+        tensors, spans = {}, []
+        for name, info in header.items():
+            tensors[name], span = _tensor(buf, name, info)
+            spans.append(span)
+        end = 0
+        for start, stop in sorted(spans):
+            if start != end:
+                raise ValueError("its tensors overlap or leave holes in the data")
+            end = stop
+        if end != len(buf):
+            raise ValueError("it has trailing bytes after the tensor data")
+    except ValueError as e:
+        raise ValueError(
+            f"`path` {path!r} is not a valid safetensors file: {e}."
+        ) from None
+    return tensors, metadata
+
+
+#
+# The quaxlora adapter format.
+#
+
+
+def _dtype_name(x: Any) -> str:
+    return str(jnp.dtype(x.dtype))
+
+
+def save_adapters(path: str | os.PathLike, model: PyTree) -> None:
+    """Save only the adapters of `model` to a safetensors file.
+
+    Written: the factors `a` and `b` of every `LoraArray` (keyed `"<path>.a"` and
+    `"<path>.b"`, with `<path>` the dotted path of the adapted weight, e.g.
+    `"layers.0.weight"`) and every `Trainable` array (`modules_to_save`, trained
+    biases; keyed by its path). The metadata records, per target, the rank, alpha,
+    scaling mode (rsLoRA or not), batch axes and the base weight's shape and dtype,
+    plus the list of targets, the library version and the file format version.
+    Frozen weights are not written, so the file is a small fraction of the model.
+
+    The write is atomic: the file is written under a temporary name in the same
+    folder and renamed over `path` at the end, so an error or a crash midway leaves
+    any previous file at `path` intact.
+
+    **Arguments:**
+
+    - `path`: where to write (conventionally ending in `.safetensors`).
+    - `model`: a model with adapters (from `quaxlora.loraify`, `load_adapters`, ...).
+        An adapter pytree (`quaxlora.adapters(model)`) works as well.
+
+    **Returns:**
+
+    Nothing.
+    """
+    from . import __version__
+
+    tensors: dict[str, np.ndarray] = {}
+    targets: dict[str, dict[str, Any]] = {}
+    trainable: dict[str, dict[str, Any]] = {}
+    for p, leaf in adapted_leaves(model).items():
+        if isinstance(leaf, LoraArray):
+            tensors[p + ".a"] = np.asarray(leaf.a)
+            tensors[p + ".b"] = np.asarray(leaf.b)
+            targets[p] = dict(
+                rank=leaf.rank,
+                alpha=leaf.alpha,
+                rslora=leaf.rslora,
+                batch_ndim=leaf.batch_ndim,
+                dtype=_dtype_name(leaf.a),
+                weight_shape=None if leaf.weight is None else list(leaf.shape),
+                weight_dtype=None if leaf.weight is None else _dtype_name(leaf),
+            )
+        else:
+            tensors[p] = np.asarray(leaf.array)
+            trainable[p] = dict(shape=list(leaf.shape), dtype=_dtype_name(leaf))
+    if not tensors:
+        raise ValueError("`model` has no adapters (no `LoraArray` or `Trainable`).")
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "quaxlora_version": __version__,
+        "targets": json.dumps(targets),
+        "trainable": json.dumps(trainable),
+    }
+    metadata["sha256"] = digest(tensors, metadata)
+    write_safetensors(path, tensors, metadata)
+
+
+def digest(tensors: dict[str, Any], metadata: dict[str, str]) -> str:
+    """A SHA-256 of the tensors (names, dtypes, shapes, bytes) and the metadata,
+    stored in the file so that any corruption is caught on loading."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in metadata if k != "sha256"):
+        h.update(json.dumps([key, metadata[key]]).encode())
+    for name in sorted(tensors):
+        x = np.ascontiguousarray(tensors[name])
+        h.update(json.dumps([name, str(x.dtype), list(x.shape)]).encode())
+        h.update(x.tobytes())
+    return h.hexdigest()
+
+
+def _parse(path: str) -> tuple[dict, dict, dict]:
+    tensors, metadata = read_safetensors(path)
+    if metadata.get("format") != FORMAT:
+        raise ValueError(
+            f"`path` {path!r} is not a quaxlora adapter file (no "
+            f"'format: {FORMAT}' in its metadata). For a PEFT adapter, use "
+            "`quaxlora.load_peft`."
+        )
+    try:
+        version = int(metadata.get("format_version", ""))
+        if version < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"`path` {path!r} has no valid format version.") from None
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"`path` {path!r} has adapter format version {version}, newer than "
+            f"this quaxlora understands ({FORMAT_VERSION}); it was written by "
+            f"quaxlora {metadata.get('quaxlora_version', '?')}. Upgrade quaxlora."
+        )
+    if metadata.get("sha256") != digest(tensors, metadata):
+        raise ValueError(
+            f"`path` {path!r} is corrupted: its contents do not match the checksum "
+            "written with them."
+        )
+    try:
+        targets = json.loads(metadata["targets"])
+        trainable = json.loads(metadata["trainable"])
+        if not isinstance(targets, dict) or not isinstance(trainable, dict):
+            raise ValueError("targets")
+        for p, t in targets.items():
+            if not (
+                isinstance(t, dict)
+                and _posint(t["rank"])
+                and isinstance(t["alpha"], (int, float))
+                and not isinstance(t["alpha"], bool)
+                and math.isfinite(t["alpha"])
+                and isinstance(t["rslora"], bool)
+                and _posint(t["batch_ndim"], 0)
+                and isinstance(t.get("dtype"), str)
+                and _shape_or_none(t.get("weight_shape"))
+                and isinstance(t.get("weight_dtype"), (str, type(None)))
+            ):
+                raise ValueError(p)
+        for p, t in trainable.items():
+            if not isinstance(t, dict):
+                raise ValueError(p)
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"`path` {path!r} has malformed metadata ({e!r}).") from None
+    expected = {k for p in targets for k in (p + ".a", p + ".b")} | set(trainable)
+    if set(tensors) != expected:
+        extra = sorted(set(tensors) ^ expected)
+        raise ValueError(
+            f"`path` {path!r} is inconsistent: its tensors do not match its "
+            f"metadata (first difference: `{extra[0]}`)."
+        )
+    return tensors, targets, trainable
+
+
+def _posint(x: Any, low: int = 1) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def _shape_or_none(x: Any) -> bool:
+    return x is None or (isinstance(x, list) and all(_posint(d, 0) for d in x))
+
+
+def _lora_from_file(p, t, a, b, old) -> Any:
+    """The new leaf for target `p`, or a string saying why it does not fit."""
+    n, r = t["batch_ndim"], t["rank"]
+    base = old.weight if isinstance(old, LoraArray) else old
+    if base is None or not hasattr(base, "shape"):
+        return "the model has no array there"
+    shape, dtype = tuple(base.shape), str(jnp.dtype(base.dtype))
+    if t.get("weight_shape") is not None and tuple(t["weight_shape"]) != shape:
+        return f"base weight shape {shape} != file's {tuple(t['weight_shape'])}"
+    if t.get("weight_dtype") is not None and t["weight_dtype"] != dtype:
+        return f"base weight dtype {dtype} != file's {t['weight_dtype']}"
+    want_a = (*shape[:n], r, *shape[n + 1 :])
+    want_b = (*shape[: n + 1], r)
+    if len(shape) < n + 2 or a.shape != want_a or b.shape != want_b:
+        return (
+            f"factor shapes {a.shape}, {b.shape} (rank {r}) do not fit a weight of "
+            f"shape {shape}"
+        )
+    if not (jnp.issubdtype(a.dtype, jnp.floating) and a.dtype == b.dtype):
+        return f"factor dtypes {a.dtype}, {b.dtype} are not one floating dtype"
+    if isinstance(old, LoraArray):
+        if old.rank != r:
+            return f"rank {r} != the model's rank {old.rank}"
+        if old.a.dtype != a.dtype:
+            return f"factor dtype {a.dtype} != the model's {old.a.dtype}"
+    flags = {}
+    if isinstance(old, LoraArray):
+        flags = dict(
+            stop_gradient=old.stop_gradient, allow_materialise=old.allow_materialise
+        )
+    try:
+        return LoraArray(
+            base,
+            a=jnp.asarray(a),
+            b=jnp.asarray(b),
+            rank=r,
+            alpha=t["alpha"],
+            rslora=t["rslora"],
+            batch_ndim=n,
+            **flags,
+        )
+    except ValueError as e:
+        return str(e)
+
+
+def _trainable_from_file(x, old) -> Any:
+    base = old.array if isinstance(old, Trainable) else old
+    if isinstance(base, LoraArray):
+        return "the model has a LoRA adapter there, not a trained array"
+    if base is None or not hasattr(base, "shape"):
+        return "the model has no array there"
+    if tuple(base.shape) != x.shape or jnp.dtype(base.dtype) != x.dtype:
+        return (
+            f"array {x.shape} {x.dtype} != the model's {tuple(base.shape)} "
+            f"{jnp.dtype(base.dtype)}"
+        )
+    return Trainable(jnp.asarray(x))
+
+
+@overload
+def load_adapters(
+    path: str | os.PathLike, model: PyTree, *, strict: Literal[True] = True
+) -> PyTree: ...
+
+
+@overload
+def load_adapters(
+    path: str | os.PathLike, model: PyTree, *, strict: Literal[False]
+) -> tuple[PyTree, dict[str, str]]: ...
+
+
+def load_adapters(path, model, *, strict=True):
+    """Load adapters saved by `save_adapters` onto a model.
+
+    `model` may be the plain base model (each target weight is then wrapped in a new
+    `LoraArray` with the file's factors, rank, alpha and scaling mode), or a model
+    that already has adapters: they are all replaced by the file's (an adapter of
+    `model` that the file lacks is dropped back to its base weight). The file's alpha
+    and scaling mode are used, since they are part of what was trained.
+
+    Everything is checked before anything is built: the file (a missing, truncated,
+    corrupted or non-safetensors file, or one of a future format version, raises),
+    and then each entry against the model — the path must exist, the base weight's
+    shape and dtype must be the ones the adapter was trained on, the factors' shapes
+    must fit, and where `model` already has an adapter there its rank and factor
+    dtype must agree.
+
+    **Arguments:**
+
+    - `path`: a file written by `quaxlora.save_adapters`.
+    - `model`: the model to put the adapters on. It is not modified.
+    - `strict`: if `True` (default), any mismatch raises a `ValueError` naming the
+        first mismatching path, and nothing is loaded. If `False`, the entries that
+        match are loaded and the others are reported.
+
+    **Returns:**
+
+    With `strict=True`, the model with the file's adapters. With `strict=False`, a
+    pair `(model, mismatched)`, where `mismatched` maps each path that was not
+    loaded to the reason: a file entry that did not fit the model (the model's leaf
+    there is left as it was), or an adapter of the model that the file lacks (it is
+    dropped back to its base weight).
+
+    !!! Example
+
+        ```python
+        ql.save_adapters("adapters.safetensors", lora_model)
+        lora_model2 = ql.load_adapters("adapters.safetensors", base_model)
+        ```
+    """
+    path = os.fspath(path)
+    tensors, targets, trainable = _parse(path)
+    leaves = model_leaves(model)
+    new: dict[str, Any] = {}
+    mismatched: dict[str, str] = {}
+    for p in [*targets, *trainable]:
+        if p not in leaves:
+            result = "the model has no array at this path"
+        elif p in targets:
+            a, b = tensors[p + ".a"], tensors[p + ".b"]
+            result = _lora_from_file(p, targets[p], a, b, leaves[p])
+        else:
+            result = _trainable_from_file(tensors[p], leaves[p])
+        if isinstance(result, str):
+            mismatched[p] = result
+        else:
+            new[p] = result
+    for p, leaf in leaves.items():
+        if p not in new and p not in mismatched and isinstance(leaf, LoraArray):
+            mismatched[p] = "the model has an adapter here that the file lacks"
+            new[p] = leaf.weight
+    if strict and mismatched:
+        p, why = next(iter(mismatched.items()))
+        raise ValueError(
+            f"Adapter file {path!r} does not match `model` at `{p}`: {why}. "
+            "Nothing was loaded; pass `strict=False` to load the entries that match."
+        )
+    out = replace_leaves(model, new)
+    return out if strict else (out, mismatched)
