@@ -1,0 +1,170 @@
+"""Deterministic cost guards, from XLA's own cost and memory analysis.
+
+FLOP counts and shapes of compiled programs do not depend on the machine's load, so a
+rule that starts materialising `w + s·b@a`, a full-size gradient of a frozen weight,
+or a transposed copy of a large cotangent fails here rather than in a benchmark.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import optax
+import pytest
+import quax
+
+import quaxlora as ql
+
+
+WIDTH, DEPTH, BATCH, RANK = 256, 4, 64, 8
+
+
+@pytest.fixture(autouse=True)
+def _float32():
+    # XLA's counts are for the model as benchmarked: float32, default precision.
+    with jax.enable_x64(False), jax.default_matmul_precision("default"):
+        yield
+
+
+def _mlp(key):
+    return eqx.nn.MLP(WIDTH, WIDTH, WIDTH, DEPTH - 1, key=key)
+
+
+def _loss(model, x, y):
+    return jnp.mean((jax.vmap(model)(x) - y) ** 2)
+
+
+def _data(key):
+    kx, ky = jr.split(key)
+    return jr.normal(kx, (BATCH, WIDTH)), jr.normal(ky, (BATCH, WIDTH))
+
+
+def _lora_step(model, opt):
+    arrays, static = eqx.partition(model, eqx.is_array)
+    trainable, frozen = eqx.partition(arrays, ql.is_trainable(model))
+
+    def step(trainable, opt_state, frozen, x, y):
+        def f(t):
+            return quax.quaxify(_loss)(eqx.combine(t, frozen, static), x, y)
+
+        grads = jax.grad(f)(trainable)
+        updates, opt_state = opt.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state
+
+    return step, (trainable, opt.init(trainable), frozen)
+
+
+def _full_step(model, opt):
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def step(params, opt_state, x, y):
+        grads = jax.grad(lambda p: _loss(eqx.combine(p, static), x, y))(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return step, (params, opt.init(params))
+
+
+def _compile(fn, *args, donate=()):
+    return jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"])
+
+
+def _bytes(compiled) -> int:
+    m = compiled.memory_analysis()
+    return (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+
+
+def _analytic_lora_flops(n, d, depth, r):
+    # Per layer: forward x·wᵀ, x·aᵀ, t·bᵀ; backward g·w (all but the first layer),
+    # gᵀ·t, g·b, ga·x, ga·a. See docs/benchmarks.md.
+    return sum(2 * n * (d * d * (1 + (i > 0)) + 3 * r * (d + d)) for i in range(depth))
+
+
+def test_lora_step_flops_match_analytic(getkey):
+    model = ql.loraify(_mlp(getkey()), rank=RANK, key=getkey())
+    step, state = _lora_step(model, optax.adam(1e-3))
+    compiled = _compile(step, *state, *_data(getkey()))
+    analytic = _analytic_lora_flops(BATCH, WIDTH, DEPTH, RANK)
+    # The remainder is elementwise work (relu, bias, loss, Adam on the factors).
+    assert analytic <= _flops(compiled) <= 1.03 * analytic
+
+
+def test_lora_step_cheaper_than_full(getkey):
+    mlp = _mlp(getkey())
+    opt = optax.adam(1e-3)
+    x, y = _data(getkey())
+    full, fstate = _full_step(mlp, opt)
+    lora, lstate = _lora_step(ql.loraify(mlp, rank=RANK, key=getkey()), opt)
+    cf = _compile(full, *fstate, x, y, donate=(0, 1))
+    cl = _compile(lora, *lstate, x, y, donate=(0, 1))
+    # No weight gradients: (1 + δ)/(2 + δ) of the matmuls, ≈ 0.7 here.
+    assert _flops(cl) < 0.75 * _flops(cf)
+    # No frozen-size gradient or optimiser state (Adam keeps two moments).
+    assert _bytes(cl) < 0.55 * _bytes(cf)
+
+
+def test_no_frozen_size_arrays_in_grads_or_opt_state(getkey):
+    model = ql.loraify(_mlp(getkey()), rank=RANK, key=getkey())
+    opt = optax.adam(1e-3)
+    step, (trainable, opt_state, frozen) = _lora_step(model, opt)
+    x, y = _data(getkey())
+    new_trainable, new_state = jax.eval_shape(step, trainable, opt_state, frozen, x, y)
+    frozen_size = WIDTH * WIDTH
+    for leaf in jax.tree_util.tree_leaves((new_trainable, new_state)):
+        assert leaf.size < frozen_size
+    # And in the compiled program: its outputs are the factors and Adam's two moments
+    # of them (plus Adam's step count), nothing of a frozen weight's size.
+    compiled = _compile(step, trainable, opt_state, frozen, x, y)
+    factor_bytes = sum(
+        l.size * l.dtype.itemsize for l in jax.tree_util.tree_leaves(trainable)
+    )
+    out = compiled.memory_analysis().output_size_in_bytes
+    assert 3 * factor_bytes <= out <= 3 * factor_bytes + 1024  # + tuple tables
+
+
+def test_merged_inference_flops_equal_base(getkey):
+    mlp = _mlp(getkey())
+    lora = ql.loraify(mlp, rank=RANK, key=getkey())
+    x, _ = _data(getkey())
+
+    def flops(model, quaxified=False):
+        params, static = eqx.partition(model, eqx.is_array)
+        run = lambda p, x: jax.vmap(eqx.combine(p, static))(x)
+        return _flops(_compile(quax.quaxify(run) if quaxified else run, params, x))
+
+    base, merged = flops(mlp), flops(ql.merge(lora))
+    unmerged = flops(lora, quaxified=True)
+    assert merged == base
+    # Unmerged: plus x·aᵀ and t·bᵀ, the sum with the base output and the scale.
+    adapter = DEPTH * 2 * BATCH * RANK * 2 * WIDTH
+    assert base + adapter < unmerged <= base + adapter + DEPTH * BATCH * (WIDTH + RANK)
+
+
+def test_grad_of_b_does_not_transpose_cotangent(getkey):
+    # The gradient of `b` contracts the (tokens, out) cotangent with the small
+    # (tokens, rank) `a·x`; computed big-operand-first, XLA writes a transposed copy
+    # of the whole cotangent, an (out, tokens) array. It must not appear.
+    tokens, din, dout = 96, 64, 160
+    lin = eqx.nn.Linear(din, dout, key=getkey())
+    trainable, frozen = ql.partition(ql.loraify(lin, rank=RANK, key=getkey()))
+    x = jr.normal(getkey(), (4, tokens // 4, din))
+
+    def loss(t, x):
+        model = eqx.combine(t, frozen)
+        y = quax.quaxify(lambda m, x: jax.vmap(jax.vmap(m))(x))(model, x)
+        return jnp.sum(jnp.tanh(y))
+
+    hlo = _compile(jax.grad(loss, argnums=(0, 1)), trainable, x).as_text()
+    assert f"f32[{dout},{tokens}]" not in hlo
+    assert f"f32[{dout},4,{tokens // 4}]" not in hlo
