@@ -391,16 +391,16 @@ def load_adapters(path, model, *, strict=True):
 
     `model` may be the plain base model (each target weight is then wrapped in a new
     `LoraArray` with the file's factors, rank, alpha and scaling mode), or a model
-    that already has adapters: they are all replaced by the file's (an adapter of
-    `model` that the file lacks is dropped back to its base weight). The file's alpha
-    and scaling mode are used, since they are part of what was trained.
+    that already has the same adapters: they are replaced by the file's. The file's
+    alpha and scaling mode are used, since they are part of what was trained.
 
     Everything is checked before anything is built: the file (a missing, truncated,
-    corrupted or non-safetensors file, or one of a future format version, raises),
-    and then each entry against the model — the path must exist, the base weight's
-    shape and dtype must be the ones the adapter was trained on, the factors' shapes
-    must fit, and where `model` already has an adapter there its rank and factor
-    dtype must agree.
+    corrupted — its checksum does not match — or non-safetensors file, or one of a
+    future format version, raises), and then each entry against the model — the path
+    must exist, the base weight's shape and dtype must be the ones the adapter was
+    trained on, the factors' shapes must fit, and where `model` already has an
+    adapter there its rank and factor dtype must agree. An adapter or trained array
+    of `model` that the file lacks is a mismatch too.
 
     **Arguments:**
 
@@ -416,7 +416,7 @@ def load_adapters(path, model, *, strict=True):
     pair `(model, mismatched)`, where `mismatched` maps each path that was not
     loaded to the reason: a file entry that did not fit the model (the model's leaf
     there is left as it was), or an adapter of the model that the file lacks (it is
-    dropped back to its base weight).
+    dropped back to its base weight; a `Trainable` array is kept as it is).
 
     !!! Example
 
@@ -443,9 +443,13 @@ def load_adapters(path, model, *, strict=True):
         else:
             new[p] = result
     for p, leaf in leaves.items():
-        if p not in new and p not in mismatched and isinstance(leaf, LoraArray):
+        if p in new or p in mismatched:
+            continue
+        if isinstance(leaf, LoraArray):
             mismatched[p] = "the model has an adapter here that the file lacks"
             new[p] = leaf.weight
+        elif isinstance(leaf, Trainable):  # kept: the base array is not stored
+            mismatched[p] = "the model has a trained array here that the file lacks"
     if strict and mismatched:
         p, why = next(iter(mismatched.items()))
         raise ValueError(

@@ -1,3 +1,6 @@
+import os
+import re
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -227,3 +230,15 @@ def test_unmerge_errors(getkey):
     )
     with pytest.raises(ValueError, match="no weight of the adapter's shape at `layers"):
         ql.unmerge(other, model)
+
+
+def test_guide_runs(tmp_path, monkeypatch):
+    """The code blocks of `docs/adapters.md`, in order, in one namespace."""
+    page = os.path.join(os.path.dirname(__file__), "..", "docs", "adapters.md")
+    with open(page) as f:
+        blocks = re.findall(r"^```python\n(.*?)^```", f.read(), re.M | re.S)
+    assert len(blocks) >= 8
+    monkeypatch.chdir(tmp_path)  # the guide writes its files in the working folder
+    namespace = {"__name__": "docs_adapters"}
+    for code in blocks:
+        exec(compile(code, page, "exec"), namespace)

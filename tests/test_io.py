@@ -233,6 +233,13 @@ def test_wrong_structure(getkey, tmp_path):
     more = ql.loraify(base, rank=2, key=getkey())
     with pytest.raises(ValueError, match="`layers.0.weight`: the model has an adapter"):
         ql.load_adapters(path, more)
+    # The model has a trained array the file lacks.
+    saving = ql.loraify(base, rank=2, key=getkey(), where="layers.1", bias="all")
+    with pytest.raises(ValueError, match="`layers.0.bias`: the model has a trained"):
+        ql.load_adapters(path, saving)
+    loaded, mismatched = ql.load_adapters(path, saving, strict=False)
+    assert set(mismatched) == {"layers.0.bias", "layers.1.bias", "layers.2.bias"}
+    assert loaded.layers[0].bias is saving.layers[0].bias
     # A trained array where the model has an adapter.
     path = _saved(tmp_path, _lora(base, getkey(), modules_to_save="layers.2"))
     with pytest.raises(ValueError, match="`layers.2.weight`: the model has a LoRA"):
@@ -351,3 +358,29 @@ def test_resume_under_jit(getkey, tmp_path):
     x = jnp.ones((2, 4), jnp.float32)
     f = eqx.filter_jit(lambda m, x: jax.vmap(quax.quaxify(m))(x))
     np.testing.assert_array_equal(f(model, x), f(loaded, x))
+
+
+class _Scaled(quax.ArrayValue):
+    """A stand-in for a quantised weight: `value = q * scale`."""
+
+    q: jax.Array
+    scale: jax.Array
+
+    def aval(self):
+        return jax.core.ShapedArray(self.q.shape, self.scale.dtype)
+
+    def materialise(self):
+        return self.q.astype(self.scale.dtype) * self.scale
+
+
+def test_quax_valued_base(getkey, tmp_path):
+    linear = eqx.nn.Linear(4, 3, key=getkey())
+    q = jnp.round(linear.weight * 10).astype(jnp.int8)
+    base = eqx.tree_at(lambda l: l.weight, linear, _Scaled(q, jnp.float32(0.1)))
+    model = _lora(base, getkey(), where=eqx.nn.Linear)
+    path = _saved(tmp_path, model)
+    targets = json.loads(read_safetensors(path)[1]["targets"])
+    assert targets["weight"]["weight_shape"] == [3, 4]
+    loaded = ql.load_adapters(path, base)
+    assert loaded.weight.weight is base.weight  # the quantised base, kept as it is
+    _assert_same(loaded, model)
