@@ -1,0 +1,146 @@
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+import quax
+
+import quaxlora as ql
+
+from .helpers import assert_tree_allclose, nonzero_lora, TOLS
+
+
+VOCAB, DIM = 11, 6
+
+
+def _table(key, dtype=jnp.float64, stop_gradient=True, batch=()):
+    k1, k2, k3 = jr.split(key, 3)
+    w = jr.normal(k1, (*batch, VOCAB, DIM), dtype)
+    lora = ql.LoraArray(
+        w,
+        rank=3,
+        alpha=2.0,
+        key=k2,
+        stop_gradient=stop_gradient,
+        batch_ndim=len(batch),
+    )
+    return nonzero_lora(lora, k3)
+
+
+IDS = jnp.array([[3, 0, 10], [-1, 4, 4]])
+LOOKUPS = {
+    "index": lambda w: w[IDS],
+    "index-1d": lambda w: w[IDS[0]],
+    "index-scalar": lambda w: w[7],
+    "index-negative": lambda w: w[-2],
+    "take": lambda w: jnp.take(w, IDS, axis=0),
+    "take-clip": lambda w: jnp.take(w, jnp.array([2, 30]), axis=0, mode="clip"),
+    "take-fill": lambda w: jnp.take(w, jnp.array([2, 30]), axis=0, mode="fill"),
+    "columns": lambda w: jnp.take(w, jnp.array([5, 0, 2]), axis=1),
+    "column": lambda w: w[:, 1],
+    "slice": lambda w: w[2:9:3],
+    "dynamic-slice": lambda w: lax.dynamic_slice_in_dim(w, jnp.array(8), 4),
+    "vmap": lambda w: jax.vmap(lambda i: w[i])(IDS),
+    "embedding": lambda w: eqx.nn.Embedding(weight=w)(jnp.array(5)),
+    "embedding-vmap": lambda w: jax.vmap(eqx.nn.Embedding(weight=w))(IDS[0]),
+    "embedding-vmap2": lambda w: jax.vmap(jax.vmap(eqx.nn.Embedding(weight=w)))(IDS),
+    "tied-output": lambda w: jnp.ones((2, DIM), w.dtype) @ w.T,
+    "tied-output-2": lambda w: w @ jnp.linspace(0, 1, DIM, dtype=w.dtype),
+}
+
+
+def _nan_equal(x, y, tol):
+    assert x.shape == y.shape and x.dtype == y.dtype
+    assert jnp.array_equal(jnp.isnan(x), jnp.isnan(y))
+    assert_tree_allclose(jnp.nan_to_num(x), jnp.nan_to_num(y), **tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", list(LOOKUPS))
+def test_values(name, dtype, getkey):
+    lora = _table(getkey(), dtype)
+    f = LOOKUPS[name]
+    want = f(lora.merged())
+    for g in (quax.quaxify(f), jax.jit(quax.quaxify(f))):
+        got = g(lora)
+        if isinstance(got, ql.LoraArray):  # slices keep the LoRA form
+            got = got.merged()
+        _nan_equal(got, want, TOLS[jnp.dtype(dtype)])
+
+
+def _lookups_only(name):
+    return not name.startswith("tied") and name not in ("slice", "dynamic-slice")
+
+
+@pytest.mark.parametrize("name", [n for n in LOOKUPS if _lookups_only(n)])
+def test_never_the_whole_table(name, getkey):
+    lora = _table(getkey())
+    jaxpr = jax.make_jaxpr(quax.quaxify(LOOKUPS[name]))(lora)
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is lax.stop_gradient_p:
+            continue
+        for v in eqn.outvars:
+            assert v.aval.size < VOCAB * DIM, (name, eqn)
+
+
+@pytest.mark.parametrize("stop_gradient", [True, False])
+@pytest.mark.parametrize("name", list(LOOKUPS))
+def test_gradients(name, stop_gradient, getkey):
+    lora = _table(getkey(), stop_gradient=stop_gradient)
+    f = LOOKUPS[name]
+
+    def loss(out):
+        out = out.merged() if isinstance(out, ql.LoraArray) else out
+        return jnp.sum(jnp.nan_to_num(jnp.sin(out)))
+
+    got = eqx.filter_grad(lambda l: loss(quax.quaxify(f)(l)))(lora)
+    want = eqx.filter_grad(lambda l: loss(f(l.merged())))(lora)
+    assert_tree_allclose(got, want, **TOLS[jnp.dtype(jnp.float64)])
+    got = eqx.filter_jit(eqx.filter_grad(lambda l: loss(quax.quaxify(f)(l))))(lora)
+    assert_tree_allclose(got, want, **TOLS[jnp.dtype(jnp.float64)])
+
+
+def test_vmap_outside_quaxify(getkey):
+    lora = _table(getkey())
+    emb = eqx.nn.Embedding(weight=lora)
+    got = jax.vmap(quax.quaxify(emb))(IDS[1])
+    assert_tree_allclose(got, lora.merged()[IDS[1]], **TOLS[jnp.dtype(jnp.float64)])
+
+
+def test_loraify_embedding(getkey):
+    emb = eqx.nn.Embedding(VOCAB, DIM, key=getkey())
+    model = ql.loraify(emb, rank=2, key=getkey(), where=eqx.nn.Embedding)
+    assert isinstance(model.weight, ql.LoraArray)
+    out = jax.vmap(quax.quaxify(model))(IDS[0])
+    assert jnp.array_equal(out, jax.vmap(emb)(IDS[0]))  # b = 0 at init
+    model = eqx.tree_at(lambda m: m.weight, model, nonzero_lora(model.weight, getkey()))
+    out = quax.quaxify(lambda m, i: jax.vmap(m)(i))(model, IDS[0])
+    want = jax.vmap(ql.merge(model))(IDS[0])
+    assert_tree_allclose(out, want, **TOLS[jnp.dtype(jnp.float32)])
+
+
+def test_stacked_tables(getkey):
+    # A layer stack: `w[l, i]` slices the batch axis and a row.
+    lora = _table(getkey(), batch=(3,))
+    for f in (lambda w: w[1, 4], lambda w: w[2], lambda w: w[:, 3:5]):
+        got = quax.quaxify(f)(lora)
+        got = got.merged() if isinstance(got, ql.LoraArray) else got
+        assert_tree_allclose(got, f(lora.merged()), **TOLS[jnp.dtype(jnp.float64)])
+
+
+def test_squeeze_keeps_lora_form(getkey):
+    w = jr.normal(getkey(), (5, 1, 4, 1))
+    lora = nonzero_lora(ql.LoraArray(w, rank=2, key=getkey()), getkey())
+    out = quax.quaxify(lambda w: jnp.squeeze(w, (1, 3)))(lora)
+    assert isinstance(out, ql.LoraArray) and out.a.shape == (2, 4)
+    assert_tree_allclose(out.merged(), lora.merged()[:, 0, :, 0], rtol=1e-5, atol=1e-6)
+    row = quax.quaxify(lambda w: w[2, 0, :, 0])(lora)
+    assert_tree_allclose(row, lora.merged()[2, 0, :, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_batched_gather_is_an_error(getkey):
+    lora = _table(getkey(), batch=(2,))
+    f = quax.quaxify(lambda w: w[jnp.array([0, 1]), jnp.array([3, 4])])
+    with pytest.raises(TypeError, match="`gather`"):
+        f(lora)
