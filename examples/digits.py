@@ -11,6 +11,7 @@ Run: `python examples/digits.py` (about a minute on 2 CPU cores).
 """
 
 import argparse
+import os
 import time
 
 import equinox as eqx
@@ -104,6 +105,16 @@ def lora_finetune(model, x, y, *, rank, steps, batch_size, lr, key, progress=Tru
     return eqx.combine(trainable, frozen), losses
 
 
+def checkpoint_and_resume(lora_model, base_model, x, path):
+    """Save the adapters to `path`, load them back onto the base model, and check
+    that the resumed model reproduces the outputs exactly."""
+    ql.save_adapters(path, lora_model)
+    resumed = ql.load_adapters(path, base_model)
+    f = eqx.filter_jit(lambda m, x: jax.vmap(quax.quaxify(m))(x))
+    same = bool(jnp.array_equal(f(lora_model, x), f(resumed, x)))
+    return resumed, same, os.path.getsize(path)
+
+
 def nbytes(tree) -> int:
     return sum(x.nbytes for x in jax.tree_util.tree_leaves(tree) if eqx.is_array(x))
 
@@ -117,6 +128,7 @@ def main(
     lora_steps: int = 1500,
     batch_size: int = 128,
     seed: int = 0,
+    out_dir: str = "out",
     progress: bool = True,
     verbose: bool = True,
 ) -> dict:
@@ -158,6 +170,11 @@ def main(
     counts = ql.count_parameters(lora_model)
     trainable, _ = ql.partition(lora_model)
     adapter_bytes, model_bytes = nbytes(trainable), nbytes(model)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "digits_adapters.safetensors")
+    _, resumed_same, file_bytes = checkpoint_and_resume(
+        lora_model, model, xs_test, path
+    )
 
     say("\n=== quaxlora: LoRA on scikit-learn digits ===")
     say(f"pretrained model on the original task:  {acc_orig:6.1%} test accuracy")
@@ -167,9 +184,10 @@ def main(
     say(f"LoRA loss: {losses[0]:.3f} -> {np.mean(losses[-20:]):.3f}")
     say(f"{counts}")
     say(
-        f"adapter size: {adapter_bytes / 1024:.1f} KiB vs model size "
-        f"{model_bytes / 1024:.1f} KiB ({adapter_bytes / model_bytes:.1%})"
+        f"adapter file: {file_bytes / 1024:.1f} KiB vs model size "
+        f"{model_bytes / 1024:.1f} KiB ({file_bytes / model_bytes:.1%}) -> {path}"
     )
+    say(f"resumed from the adapter file, same outputs: {resumed_same}")
     say(f"wall time: {time.perf_counter() - start:.1f} s")
     return dict(
         acc_original=acc_orig,
@@ -180,6 +198,8 @@ def main(
         trainable=counts.trainable,
         total=counts.total,
         adapter_bytes=adapter_bytes,
+        file_bytes=file_bytes,
+        resumed_same=resumed_same,
         model_bytes=model_bytes,
         model=lora_model,
     )
@@ -192,6 +212,7 @@ if __name__ == "__main__":
     parser.add_argument("--pretrain-steps", type=int, default=1500)
     parser.add_argument("--lora-steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", default="out")
     args = parser.parse_args()
     main(
         rank=args.rank,
@@ -199,4 +220,5 @@ if __name__ == "__main__":
         pretrain_steps=args.pretrain_steps,
         lora_steps=args.lora_steps,
         seed=args.seed,
+        out_dir=args.out_dir,
     )

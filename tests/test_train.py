@@ -117,8 +117,9 @@ def test_unloraify_roundtrip(getkey):
     assert eqx.tree_equal(back, base)
 
 
-def test_digits_example_smoke():
+def test_digits_example_smoke(tmp_path):
     out = digits.main(
+        out_dir=str(tmp_path),
         width=32,
         rank=4,
         pretrain_steps=150,
@@ -131,3 +132,4 @@ def test_digits_example_smoke():
     assert out["acc_after"] > out["acc_before"] + 0.3
     assert out["acc_merged"] == out["acc_after"]
     assert out["trainable"] < out["total"] and out["adapter_bytes"] < out["model_bytes"]
+    assert out["resumed_same"] and out["file_bytes"] < 0.5 * out["model_bytes"]
