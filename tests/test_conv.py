@@ -322,3 +322,19 @@ def test_plan_choice(case, n, want, getkey):
     )(lora)
     convs = [e for e in jaxpr.eqns if e.primitive is lax.conv_general_dilated_p]
     assert len(convs) == (2 if want == "factored" else 1)
+
+
+def test_stacked_convs(getkey):
+    # A stack of convs (`filter_vmap`): vmap with quaxify inside runs the rule per
+    # layer; quaxify outside meets `reshape` from conv's batching rule (no rule).
+    make = lambda k: eqx.nn.Conv2d(3, 4, 3, key=k)
+    convs = eqx.filter_vmap(make)(jr.split(getkey(), 2))
+    lora = ql.loraify(convs, rank=2, key=getkey(), where=eqx.nn.Conv)
+    lora = eqx.tree_at(lambda m: m.weight, lora, nonzero_lora(lora.weight, getkey()))
+    assert lora.weight.batch_ndim == 1
+    xs = jr.normal(getkey(), (2, 3, 6, 6))
+    got = eqx.filter_vmap(lambda m, x: quax.quaxify(m)(x))(lora, xs)
+    want = eqx.filter_vmap(lambda m, x: m(x))(ql.merge(lora), xs)
+    assert_tree_allclose(got, want, **TOLS[jnp.dtype(jnp.float32)])
+    with pytest.raises(TypeError, match="`reshape`"):
+        quax.quaxify(eqx.filter_vmap(lambda m, x: m(x)))(lora, xs)

@@ -60,7 +60,7 @@ class ConvPlan:
     training: dict[str, int]
 
 
-def _orientation(lhs_shape, lora: LoraArray, params) -> str | None:
+def _orientation(lora: LoraArray, params) -> str | None:
     _, rhs_spec, _ = params["dimension_numbers"]
     if lora.batch_ndim != 0 or params["batch_group_count"] != 1:
         return None
@@ -87,7 +87,7 @@ def _plan(lhs_shape, lora: LoraArray, out_shape, params) -> ConvPlan:
     d = 2 * c_out * r * c_in * k
     forward = {"delta": base + d}
     training = {"delta": 3 * base + 3 * d}
-    orientation = _orientation(lhs_shape, lora, params)
+    orientation = _orientation(lora, params)
     if orientation == "out":
         extra = 2 * n * p_out * (groups * r) * c_in * k + 2 * n * p_out * c_out * r
     elif orientation == "in":
@@ -126,7 +126,7 @@ def _factored(x, lora: LoraArray, params) -> Any:
     base = _conv(x, lora.w, **params)
     out_labels = [f"Y{i}" for i in range(base.ndim)]
     out_labels[out_spec[1]] = "o"
-    if _orientation(x.shape, lora, params) == "in":
+    if _orientation(lora, params) == "in":
         # b acts on the input channels pixel by pixel (commuting with padding,
         # dilation and strides), then a is an r-channel convolution.
         xl = [f"X{i}" for i in range(x.ndim)]
