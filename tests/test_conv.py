@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import pytest
 import quax
+from hypothesis import assume, given, settings, strategies as st
 
 import quaxlora as ql
 from quaxlora._rules import _conv
@@ -338,3 +339,43 @@ def test_stacked_convs(getkey):
     assert_tree_allclose(got, want, **TOLS[jnp.dtype(jnp.float32)])
     with pytest.raises(TypeError, match="`reshape`"):
         quax.quaxify(eqx.filter_vmap(lambda m, x: m(x)))(lora, xs)
+
+
+@st.composite
+def _random_conv(draw):
+    nd = draw(st.integers(1, 2))
+    groups = draw(st.integers(1, 3))
+    cin, cout = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(nd))
+    size = tuple(draw(st.integers(3, 6)) for _ in range(nd))
+    ints = lambda lo, hi: tuple(draw(st.integers(lo, hi)) for _ in range(nd))
+    explicit = tuple(zip(ints(0, 2), ints(0, 2)))
+    padding = draw(st.sampled_from(["VALID", "SAME", "SAME_LOWER", explicit]))
+    kwargs = dict(
+        window_strides=ints(1, 2),
+        padding=padding,
+        lhs_dilation=ints(1, 2),
+        rhs_dilation=ints(1, 2),
+        feature_group_count=groups,
+    )
+    spatial = "HW"[-nd:] if nd > 1 else "W"
+    layout = (
+        "".join(draw(st.permutations("NC" + spatial))),
+        "".join(draw(st.permutations("OI" + spatial))),
+        "".join(draw(st.permutations("NC" + spatial))),
+    )
+    return (None, nd, kwargs, cin, cout, kernel, size), layout
+
+
+@settings(max_examples=10, deadline=None)
+@given(_random_conv())
+def test_random_convolutions(case):
+    case, layout = case
+    x, lora, kwargs = _setup(case, jr.key(len(str(case))), layout=layout, n=1)
+    try:
+        want = _dense(x, lora, kwargs)
+    except (ValueError, TypeError):
+        assume(False)  # e.g. a dilated kernel larger than the padded input
+    assume(want.size > 0)
+    for f in _plans(x, lora, kwargs).values():
+        assert_tree_allclose(f(x, lora), want, **TOL)
