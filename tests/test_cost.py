@@ -86,9 +86,14 @@ def _bytes(compiled) -> int:
 
 
 def _analytic_lora_flops(n, d, depth, r):
-    # Per layer: forward x·wᵀ, x·aᵀ, t·bᵀ; backward g·w (all but the first layer),
-    # gᵀ·t, g·b, ga·x, ga·a. See docs/benchmarks.md.
-    return sum(2 * n * (d * d * (1 + (i > 0)) + 3 * r * (d + d)) for i in range(depth))
+    # Per layer: forward x·wᵀ, x·aᵀ, t·bᵀ; backward tᵀ·g (grad b), g·b, gtᵀ·x
+    # (grad a), and where the input needs a gradient (δ, all but the first layer)
+    # g·w and gt·a. See docs/benchmarks.md.
+    flops = 0
+    for i in range(depth):
+        delta = int(i > 0)
+        flops += 2 * n * (d * d * (1 + delta) + r * (3 * d + (2 + delta) * d))
+    return flops
 
 
 def test_lora_step_flops_match_analytic(getkey):
