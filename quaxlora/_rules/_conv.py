@@ -190,7 +190,9 @@ def conv_plan(
         ```python
         conv = eqx.nn.Conv2d(32, 32, 3, groups=32, key=jr.key(0))  # depthwise
         lora = ql.LoraArray(conv.weight, rank=4, key=jr.key(1))
-        ql.conv_plan(jnp.ones((1, 32, 28, 28)), lora, (1, 1), "SAME").plan  # "delta"
+        x = jnp.ones((1, 32, 28, 28))
+        plan = ql.conv_plan(x, lora, (1, 1), "SAME", feature_group_count=32)
+        plan.plan  # "delta"
         ```
     """
     params, out_shape = conv_params(
