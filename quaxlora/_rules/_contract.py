@@ -11,6 +11,8 @@ the other operand — and of its two possible operand orders we take the one tha
 no relayout of a large array: autodiff's own choice computes the gradient of a LoRA
 factor `b` as `gᵀ·h` (the big output cotangent first), for which XLA writes a
 transposed copy of the whole cotangent; `(hᵀ·g)ᵀ` transposes only the tiny result.
+The price: JAX cannot apply forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) to a
+`custom_vjp` function, so through a `LoraArray` only reverse mode is available.
 """
 
 import functools as ft
