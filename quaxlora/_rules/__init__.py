@@ -1,3 +1,7 @@
 # Importing the rule modules registers their rules with quax.
-from . import _dot_general as _dot_general, _structural as _structural
-from . import _conv as _conv, _gather as _gather
+from . import (
+    _conv as _conv,
+    _dot_general as _dot_general,
+    _gather as _gather,
+    _structural as _structural,
+)
