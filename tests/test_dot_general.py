@@ -204,7 +204,7 @@ def _dimension_numbers(draw):
     return tuple(wshape), nb, tuple(xshape), dn, lhs, rank
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(_dimension_numbers())
 def test_random_dimension_numbers(case):
     wshape, nb, xshape, dn, lhs, rank = case
