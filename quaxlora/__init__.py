@@ -1,6 +1,6 @@
 """quaxlora: LoRA for Equinox models, through quax multiple dispatch."""
 
-import importlib.metadata
+from importlib.metadata import version as _version
 
 from . import _rules as _rules
 from ._adapters import (
@@ -24,4 +24,4 @@ from ._train import (
 )
 
 
-__version__ = importlib.metadata.version("quaxlora")
+__version__ = _version("quaxlora")
