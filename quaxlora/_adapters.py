@@ -8,16 +8,11 @@ import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import quax
 from jaxtyping import PyTree
 
-from ._lora_array import _dense_weight, LoraArray
+from ._lora_array import _dense_weight, _is_value, LoraArray
 from ._paths import path_str
 from ._train import is_adapted, is_trainable, Trainable
-
-
-def _is_value(x: Any) -> bool:
-    return isinstance(x, quax.ArrayValue)
 
 
 def model_leaves(model: PyTree) -> dict[str, Any]:
