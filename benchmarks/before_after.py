@@ -1,13 +1,18 @@
-"""Full fine-tuning vs the LoRA step with and without `contract`'s hand-written
-backward, compiled in one process and timed interleaved (medians of per-round ratios).
+"""Full fine-tuning vs three versions of the LoRA step, compiled in one process and
+timed interleaved (medians of per-round ratios):
 
     python -m benchmarks.before_after [--reps N] [--quick]
 
-"Without" is the same rule with autodiff's own backward: `contract` with its
-`custom_vjp` bypassed (`_contract` replaced by the plain forward).
+1. quaxlora as it is: the hand-written backward, and under differentiation a fused
+   forward (one product against `[w | b]`, see `quaxlora/_rules/_factored.py`);
+2. the hand-written backward with the two-product forward (`FUSE_MAX_COPY = 0`);
+3. autodiff's own backward: every `custom_vjp` bypassed, the same forward
+   differentiated by JAX.
 """
 
 import argparse
+import contextlib
+from unittest import mock
 
 import equinox as eqx
 import jax.random as jr
@@ -15,6 +20,8 @@ import optax
 
 import quaxlora as ql
 import quaxlora._rules._contract as _c
+import quaxlora._rules._dot_general as _dg
+import quaxlora._rules._factored as _f
 from benchmarks.run import (
     Config,
     gpt_task,
@@ -31,6 +38,28 @@ def _autodiff_contract(spec, x, y):
     return _c._dot(x, spec[0], y, *spec[1:])
 
 
+def _autodiff_factored(spec, x, w, f1, f2):
+    return _f._forward(spec, x, w, f1, f2, fuse=False)[0]
+
+
+@contextlib.contextmanager
+def two_product_forward():
+    with mock.patch.object(_f, "FUSE_MAX_COPY", 0):
+        yield
+
+
+@contextlib.contextmanager
+def autodiff_backward():
+    with (
+        mock.patch.object(_c, "_contract", _autodiff_contract),
+        mock.patch.object(_dg, "factored_product", _autodiff_factored),
+    ):
+        yield
+
+
+LABELS = ["fused forward", "two-product forward", "autodiff backward"]
+
+
 def variants(task):
     model, (x, y), loss, exclude, _ = task
     opt = optax.adam(1e-4)
@@ -39,18 +68,16 @@ def variants(task):
     arrays, lstatic = eqx.partition(lora, eqx.is_array)
     tr, fr = eqx.partition(arrays, ql.is_trainable(lora))
     full = Variant(make_full_step(loss, static, opt), (params, opt.init(params), x, y))
-    args = (tr, opt.init(tr), fr, x, y)
-    new = Variant(make_lora_step(loss, lstatic, opt), args)
     full.compile()
-    new.compile()
-    custom = _c._contract
-    _c._contract = _autodiff_contract
-    try:
-        old = Variant(make_lora_step(loss, lstatic, opt), args)
-        old.compile()
-    finally:
-        _c._contract = custom
-    return [full, new, old]
+    out = [full]
+    for ctx in (contextlib.nullcontext, two_product_forward, autodiff_backward):
+        with ctx():
+            v = Variant(
+                make_lora_step(loss, lstatic, opt), (tr, opt.init(tr), fr, x, y)
+            )
+            v.compile()
+        out.append(v)
+    return out
 
 
 def main(argv=None):
@@ -59,18 +86,18 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else Config()
+    print("| model | variant | step, s | ratio to full FT | XLA GFLOP | XLA MiB |")
+    print("|---|---|---|---|---|---|")
     for name, task in (("mlp", mlp_task), ("gpt", gpt_task)):
         vs = variants(task(cfg, jr.key(0)))
         med, ratio = time_interleaved(vs, args.reps)
-        flops = [v.cost()["flops"] / 1e9 for v in vs]
-        mem = [v.cost()["bytes"] / 2**20 for v in vs]
-        print(
-            f"{name}: full {med[0]:.4f} s | LoRA, custom backward {med[1]:.4f} s "
-            f"({ratio[1]:.3f}×) | LoRA, autodiff backward {med[2]:.4f} s "
-            f"({ratio[2]:.3f}×) | GFLOP {flops[0]:.2f} / {flops[1]:.2f} / "
-            f"{flops[2]:.2f} | MiB {mem[0]:.1f} / {mem[1]:.1f} / {mem[2]:.1f}",
-            flush=True,
-        )
+        for label, v, m, r in zip(["full fine-tuning", *LABELS], vs, med, ratio):
+            c = v.cost()
+            print(
+                f"| {name} | {label} | {m:.4f} | {r:.3f}× | {c['flops'] / 1e9:.2f} "
+                f"| {c['bytes'] / 2**20:.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

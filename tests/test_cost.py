@@ -5,6 +5,8 @@ rule that starts materialising `w + s·b@a`, a full-size gradient of a frozen we
 or a transposed copy of a large cotangent fails here rather than in a benchmark.
 """
 
+from unittest import mock
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ import pytest
 import quax
 
 import quaxlora as ql
+import quaxlora._rules._factored as factored
 
 
 WIDTH, DEPTH, BATCH, RANK = 256, 4, 64, 8
@@ -173,3 +176,33 @@ def test_grad_of_b_does_not_transpose_cotangent(getkey):
     hlo = _compile(jax.grad(loss, argnums=(0, 1)), trainable, x).as_text()
     assert f"f32[{dout},{tokens}]" not in hlo
     assert f"f32[{dout},4,{tokens // 4}]" not in hlo
+
+
+def _temp_bytes(compiled) -> int:
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_lora_step_keeps_one_activation_per_layer(getkey):
+    # A sum of two products feeding the activation would be fused by XLA into both
+    # the activation and its derivative, keeping both products alive until the
+    # backward. Where the differentiated forward is one product against [w | b]
+    # (here w.size <= 2·output size), the step's temporaries stay within a weight
+    # copy or two of full fine-tuning's; the two-product form needs about one more
+    # activation per layer.
+    width, depth, batch = 128, 6, 128
+    mlp = eqx.nn.MLP(width, width, width, depth - 1, key=getkey())
+    opt = optax.adam(1e-3)
+    kx, ky = jr.split(getkey())
+    x, y = jr.normal(kx, (batch, width)), jr.normal(ky, (batch, width))
+    full, fstate = _full_step(mlp, opt)
+    full_temp = _temp_bytes(_compile(full, *fstate, x, y, donate=(0, 1)))
+    model = ql.loraify(mlp, rank=RANK, key=getkey())
+    lora, lstate = _lora_step(model, opt)
+    fused = _temp_bytes(_compile(lora, *lstate, x, y, donate=(0, 1)))
+    with mock.patch.object(factored, "FUSE_MAX_COPY", 0):
+        lora, lstate = _lora_step(model, opt)  # a new function: traced afresh
+        two_product = _temp_bytes(_compile(lora, *lstate, x, y, donate=(0, 1)))
+    weight = 4 * width * (width + RANK)
+    assert fused <= full_temp + 2 * weight
+    activation = 4 * batch * width
+    assert two_product > fused + (depth // 2) * activation

@@ -1,4 +1,11 @@
-"""`dot_general` with a `LoraArray`: values and gradients vs the dense reference."""
+"""`dot_general` with a `LoraArray`: values and gradients vs the dense reference.
+
+Gradients are checked with the differentiated forward in both of its forms (see
+`quaxlora/_rules/_factored.py`): one product against the concatenated `[w | f2]`, and
+two products and a sum."""
+
+import math
+from unittest import mock
 
 import jax
 import jax.lax as lax
@@ -10,11 +17,21 @@ import quax
 from hypothesis import given, settings, strategies as st
 
 import quaxlora as ql
+import quaxlora._rules._factored as factored
 
 from .helpers import assert_tree_allclose, nonzero_lora, TOLS
 
 
 pytestmark = pytest.mark.usefixtures("strict_promotion")
+
+FUSE_MODES = {"fused": math.inf, "two-product": 0}
+
+
+@pytest.fixture(params=list(FUSE_MODES))
+def fuse(request):
+    """Force the differentiated forward into one of its two forms."""
+    with mock.patch.object(factored, "FUSE_MAX_COPY", FUSE_MODES[request.param]):
+        yield request.param
 
 
 def _lora(key, shape, rank=3, batch_ndim=0, dtype=jnp.float32, adapter_dtype=None):
@@ -111,20 +128,20 @@ CASES = [
 
 @pytest.mark.parametrize("wshape,nb,xshape,dn,lhs", CASES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_cases(getkey, wshape, nb, xshape, dn, lhs, dtype):
+def test_cases(getkey, wshape, nb, xshape, dn, lhs, dtype, fuse):
     lora = _lora(getkey(), wshape, batch_ndim=nb, dtype=dtype)
     x = jr.normal(getkey(), xshape, dtype)
     _check(lora, x, dn, lhs)
 
 
 @pytest.mark.parametrize("wshape,nb,xshape,dn,lhs", CASES[:6])
-def test_bf16(getkey, wshape, nb, xshape, dn, lhs):
+def test_bf16(getkey, wshape, nb, xshape, dn, lhs, fuse):
     lora = _lora(getkey(), wshape, batch_ndim=nb, dtype=jnp.bfloat16)
     x = jr.normal(getkey(), xshape, jnp.bfloat16)
     _check(lora, x, dn, lhs)
 
 
-def test_mixed_adapter_dtype(getkey):
+def test_mixed_adapter_dtype(getkey, fuse):
     # bf16 base, f32 adapters: the result has the dense bf16 op's dtype.
     lora = _lora(getkey(), (6, 5), dtype=jnp.bfloat16, adapter_dtype=jnp.float32)
     assert lora.a.dtype == jnp.float32 and lora.dtype == jnp.bfloat16
@@ -204,14 +221,64 @@ def _dimension_numbers(draw):
     return tuple(wshape), nb, tuple(xshape), dn, lhs, rank
 
 
-@settings(max_examples=20, deadline=None)
+@pytest.mark.parametrize("mode", list(FUSE_MODES))
+@settings(max_examples=12, deadline=None)
 @given(_dimension_numbers())
-def test_random_dimension_numbers(case):
+def test_random_dimension_numbers(mode, case):
     wshape, nb, xshape, dn, lhs, rank = case
     key = jr.key(sum(wshape) + 7 * len(xshape))
     lora = _lora(key, wshape, rank=rank, batch_ndim=nb, dtype=jnp.float64)
     x = jr.normal(jr.fold_in(key, 1), xshape, jnp.float64)
-    _check(lora, x, dn, lhs)
+    with mock.patch.object(factored, "FUSE_MAX_COPY", FUSE_MODES[mode]):
+        _check(lora, x, dn, lhs)
+
+
+def _grad_jaxpr(lora, x):
+    def loss(lora, x):
+        return jnp.sum(quax.quaxify(lambda w, x: x @ w.T)(lora, x) ** 2)
+
+    return str(jax.make_jaxpr(jax.grad(loss, allow_int=True))(lora, x))
+
+
+@pytest.mark.parametrize("rows,fused", [(16, True), (3, True), (2, False)])
+def test_fused_forward_only_when_it_pays(getkey, rows, fused):
+    # [w | b] is a w-sized temporary: taken when w.size <= FUSE_MAX_COPY·output
+    # size, i.e. here (8·6 <= 2·rows·8) from 3 rows on.
+    lora = _lora(getkey(), (8, 6), rank=2)
+    x = jr.normal(getkey(), (rows, 6), jnp.float32)
+    assert ("concatenate" in _grad_jaxpr(lora, x)) == fused
+    # Inference is never fused: two products and a sum.
+    jaxpr = str(jax.make_jaxpr(quax.quaxify(lambda w, x: x @ w.T))(lora, x))
+    assert "concatenate" not in jaxpr
+    assert jaxpr.count("dot_general") == 3
+
+
+# Whether each of CASES lines up for the fused forward: x·w must contract one weight
+# axis, and t = x·f1 must carry x's axes with the rank axis in its place. Not so for
+# a stack axis left free or summed (t keeps it), a second rest axis (t keeps it), two
+# contracted axes, or no contraction at all.
+LINES_UP = [True] * 7 + [False] * 5
+
+
+@pytest.mark.parametrize("case,lines_up", list(zip(CASES, LINES_UP)))
+def test_concat_label(case, lines_up):
+    wshape, nb, xshape, dn, lhs = case
+    x = jnp.zeros(xshape)
+    lora = _lora(jr.key(0), wshape, batch_ndim=nb)
+    seen = []
+    real = factored.concat_label
+
+    def spy(spec):
+        seen.append(real(spec))
+        return seen[-1]
+
+    def f(l, x):
+        args = (l, x) if lhs else (x, l)
+        return jnp.sum(lax.dot_general(*args, dn))
+
+    with mock.patch.object(factored, "concat_label", spy):
+        jax.grad(quax.quaxify(f), argnums=1)(lora, x)
+    assert seen and all((c is not None) == lines_up for c in seen), seen
 
 
 def test_zero_b_equals_base(getkey):

@@ -195,3 +195,40 @@ def test_forward_mode_needs_merge(getkey):
         jax.jacfwd(f, argnums=1)(lora, x)
     jac = jax.jacfwd(lambda x: jnp.sin(lora.merged() @ x))(x)
     assert_tree_allclose(jax.jacrev(f, argnums=1)(lora, x), jac, **TOL)
+
+
+def _count_quax_retraces(monkeypatch):
+    """Count the jitted functions quax re-traces under `quaxify` (quax's `jit` rule
+    turns each one's jaxpr back into a function to trace)."""
+    import quax._primitives as quax_primitives
+
+    calls = []
+    real = quax_primitives.jexc.jaxpr_as_fun
+
+    def spy(jaxpr, *args, **kwargs):
+        calls.append(jaxpr)
+        return real(jaxpr, *args, **kwargs)
+
+    monkeypatch.setattr(quax_primitives.jexc, "jaxpr_as_fun", spy)
+    return calls
+
+
+def test_jit_on_plain_arrays_is_not_retraced(getkey, monkeypatch):
+    # A jitted function that receives only plain arrays cannot meet a LoraArray:
+    # quaxlora binds it as it is instead of letting quax re-trace it.
+    lora = ql.LoraArray(jr.normal(getkey(), (5, 4)), rank=2, key=getkey())
+    lora = eqx.tree_at(lambda l: l.b, lora, jr.normal(getkey(), lora.b.shape))
+    x = jr.normal(getkey(), (4,))
+    plain = jax.jit(lambda y: jnp.tanh(y) * 2)
+    calls = _count_quax_retraces(monkeypatch)
+    out = jax.jit(quax.quaxify(lambda w, x: plain(w @ x)))(lora, x)
+    # `w @ x` (jnp.matmul, itself jitted) receives the LoraArray and is re-traced;
+    # `plain` receives its plain result and is not.
+    assert calls and not any("tanh" in str(j) for j in calls)
+    assert_tree_allclose(out, jnp.tanh(lora.merged() @ x) * 2, rtol=1e-5, atol=1e-6)
+    # One that receives the LoraArray is still interpreted, so the rules apply.
+    jax.clear_caches()
+    with_lora = jax.jit(lambda w, x: jnp.tanh(w @ x) * 2)
+    out = jax.jit(quax.quaxify(with_lora))(lora, x)
+    assert any("tanh" in str(j) for j in calls)
+    assert_tree_allclose(out, jnp.tanh(lora.merged() @ x) * 2, rtol=1e-5, atol=1e-6)

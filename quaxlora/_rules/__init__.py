@@ -3,5 +3,6 @@ from . import (
     _conv as _conv,
     _dot_general as _dot_general,
     _gather as _gather,
+    _jit as _jit,
     _structural as _structural,
 )

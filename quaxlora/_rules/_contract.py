@@ -100,11 +100,11 @@ def _out_size(x, xl, y, yl, out) -> int:
 
 def _cheapest(x, xl, y, yl, out, precision, preferred_element_type, dtype):
     """`einsum(xl, yl -> out)` in whichever operand order relayouts less, cast to
-    `dtype`. Ties keep `x` first."""
+    `dtype` (unless None). Ties keep `x` first."""
     if _relayouts(y, yl, x, xl, out) < _relayouts(x, xl, y, yl, out):
         x, xl, y, yl = y, yl, x, xl
     z = _dot(x, xl, y, yl, out, precision, preferred_element_type)
-    return z.astype(dtype)
+    return z if dtype is None else z.astype(dtype)
 
 
 @ft.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -14,8 +14,9 @@ import jax.lax as lax
 import quax
 from jaxtyping import ArrayLike
 
-from .._lora_array import LoraArray
+from .._lora_array import _is_value, LoraArray
 from ._contract import contract, transpose_to
+from ._factored import factored_product, Spec
 
 
 def lora_labels(lora: LoraArray) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -42,12 +43,29 @@ def lora_contract(
     wl, al, bl, batch = lora_labels(lora)
     a = lora.a.astype(lora.dtype)
     b = lora.b.astype(lora.dtype)
-    base = contract(x, xl, lora.w, wl, out, **dot_kwargs)
     if "o" in xl and "o" not in out:  # contraction over the weight's output axis
         (f1, f1l), (f2, f2l) = (b, bl), (a, al)
     else:
         (f1, f1l), (f2, f2l) = (a, al), (b, bl)
     tl = _keep(xl, f1l, out, batch)
+    if not (_is_value(x) or _is_value(lora.weight)):
+        spec = Spec(
+            tuple(xl),
+            tuple(wl),
+            tuple(f1l),
+            tuple(f2l),
+            tuple(tl),
+            tuple(out),
+            lora.scaling,
+            not lora.stop_gradient,
+            dot_kwargs.get("precision"),
+            dot_kwargs.get("preferred_element_type"),
+        )
+        return factored_product(spec, x, lora.w, f1, f2)
+    # A quax value on the other side (a `LoraArray`, ...) or as the base (quantised):
+    # each product re-dispatches through quax, and autodiff differentiates whatever
+    # those values' rules compute.
+    base = contract(x, xl, lora.w, wl, out, **dot_kwargs)
     t = contract(x, xl, f1, f1l, tl, **dot_kwargs)
     # Fold the scale into whichever operand of the second product is smaller.
     if t.size < f2.size:
