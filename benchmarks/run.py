@@ -151,6 +151,40 @@ def make_lora_step(loss, static, opt):
     return step
 
 
+def make_floor_step(loss, static, opt):
+    """The physical bar: the frozen model's forward and backward, with no weight
+    gradient and no adapter. Only the first linear layer's bias trains, so the
+    backward still runs through every layer."""
+
+    def step(trainable, opt_state, frozen, x, y):
+        def f(t):
+            return loss(eqx.combine(t, frozen, static), x, y)
+
+        value, grads = jax.value_and_grad(f)(trainable)
+        updates, opt_state = opt.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, value
+
+    return step
+
+
+def first_bias_spec(params):
+    """Filter spec selecting the bias of the first `eqx.nn.Linear` of `params`."""
+    is_linear = lambda x: isinstance(x, eqx.nn.Linear)
+    first = next(
+        l for l in jax.tree_util.tree_leaves(params, is_leaf=is_linear) if is_linear(l)
+    )
+    spec = jtu_map(lambda _: False, params)
+    return eqx.tree_at(
+        lambda t: next(
+            l.bias
+            for l in jax.tree_util.tree_leaves(t, is_leaf=is_linear)
+            if is_linear(l)
+        ),
+        spec,
+        first.bias is not None,
+    )
+
+
 def make_infer(static, *, quaxified):
     def infer(params, x):
         model = eqx.combine(params, static)
@@ -327,6 +361,14 @@ def build(task, cfg, key):
         (0, 1),
         2,
     )
+    # the frozen floor
+    ftrain, ffrozen = eqx.partition(params, first_bias_spec(params))
+    floor = Variant(
+        make_floor_step(loss, static, opt),
+        (ftrain, opt.init(ftrain), ffrozen, x, y),
+        (0, 1),
+        2,
+    )
     # inference: base, unmerged, merged, quax example
     merged = ql.merge(lora)
     mparams, mstatic = eqx.partition(merged, eqx.is_array)
@@ -340,6 +382,7 @@ def build(task, cfg, key):
         full=full,
         ql=ql_step,
         qx=qx_step,
+        floor=floor,
         infer=infer,
         shapes=linear_shapes(model, exclude),
         extra=extra,
@@ -357,11 +400,12 @@ def build(task, cfg, key):
 def run_model(name, task, cfg, key):
     print(f"\n## {name}", flush=True)
     b = build(task, cfg, key)
-    steps = [b["full"], b["ql"], b["qx"]]
+    steps = [b["full"], b["ql"], b["qx"], b["floor"]]
+    names = ("full", "quaxlora", "quax_example", "floor")
     for v in steps + b["infer"]:
         v.compile()
     res = {}
-    for label, v in zip(("full", "quaxlora", "quax_example"), steps):
+    for label, v in zip(names, steps):
         res[f"step_{label}"] = v.cost()
     for label, v in zip(("base", "unmerged", "merged", "quax_example"), b["infer"]):
         res[f"infer_{label}"] = v.cost()
@@ -373,8 +417,8 @@ def run_model(name, task, cfg, key):
         sh, n, RANK, lora=True, no_dx=ex["no_dx_lora"], attention=ex["attention"]
     )
     med, ratio = time_interleaved(steps, cfg.reps)
-    res["step_time"] = dict(zip(("full", "quaxlora", "quax_example"), med))
-    res["step_ratio"] = dict(zip(("full", "quaxlora", "quax_example"), ratio))
+    res["step_time"] = dict(zip(names, med))
+    res["step_ratio"] = dict(zip(names, ratio))
     med, ratio = time_interleaved(b["infer"], cfg.reps)
     keys = ("base", "unmerged", "merged", "quax_example")
     res["infer_time"] = dict(zip(keys, med))
@@ -442,6 +486,13 @@ def fmt_table(results, cfg):
             f"{st['quaxlora']:.4f} ({sr['quaxlora']:.3f}×) | "
             f"{st['quax_example']:.4f} ({sr['quax_example']:.3f}×) | "
             + (f"{p['lora_step']:.4f} ({p['step_ratio']:.3f}×) |" if p else "— |")
+        )
+        ffl = r["step_floor"]["flops"]
+        lines.append(
+            f"| {name} | frozen floor (no weight gradient, no adapter): step, s "
+            f"(ratio to full); GFLOP | {st['floor']:.4f} ({sr['floor']:.3f}×); "
+            f"{ffl / 1e9:.2f} | quaxlora ÷ floor: "
+            f"{st['quaxlora'] / st['floor']:.3f}× | — | — |"
         )
         it, ir = r["infer_time"], r["infer_ratio"]
         lines.append(
@@ -518,6 +569,9 @@ def plot(results, path):
         ax.bar(xs - 0.2, step, 0.4, label="LoRA step / full FT step")
         ax.bar(xs + 0.2, infer, 0.4, label="unmerged inference / base")
         ax.axhline(1.0, color="k", lw=0.8)
+        floor = r["step_ratio"]["floor"]
+        ax.axhline(floor, color="tab:blue", lw=0.8, ls="--")
+        ax.text(xs[-1] + 0.45, floor, "frozen floor", va="bottom", ha="right", size=7)
         ax.set_xticks(xs, labels)
         ax.set_title(name.upper())
         ax.set_ylabel("time ratio (lower is better)")
