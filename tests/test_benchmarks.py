@@ -1,0 +1,32 @@
+"""`python -m benchmarks.run --quick` runs end to end, and its deterministic figures
+(XLA's FLOP counts) hold. Timings are not asserted: they belong to the benchmarks."""
+
+import json
+
+import jax
+
+from benchmarks import run
+
+
+def test_quick_benchmark_suite(tmp_path):
+    with jax.enable_x64(False), jax.default_matmul_precision("default"):
+        run.main(["--quick", "--no-peft", "--no-scan", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    for name in ("mlp", "gpt"):
+        r = results[name]
+        full, lora = r["step_full"]["flops"], r["step_quaxlora"]["flops"]
+        floor = r["step_floor"]["flops"]
+        # No weight gradient; the adapters cost more than the frozen floor.
+        assert floor < lora < full
+        # The analytic count is of matmuls only; on these tiny models the
+        # elementwise rest is a few percent (test_cost.py holds the 3% bound).
+        analytic = r["analytic_flops_lora"]
+        assert analytic <= lora <= 1.1 * analytic
+        # Merged inference is the base model's program.
+        assert r["infer_merged"]["flops"] == r["infer_base"]["flops"]
+        assert r["infer_base"]["flops"] < r["infer_unmerged"]["flops"]
+        for figure in ("step_time", "step_ratio", "infer_ratio", "trace_time"):
+            assert r[figure]
+    table = (tmp_path / "results.md").read_text()
+    assert "frozen floor" in table and "| gpt | train step" in table
+    assert (tmp_path / "results.png").stat().st_size > 10_000
