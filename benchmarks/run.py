@@ -54,7 +54,7 @@ class Config:
     batch: int = 8
     vocab: int = 2048
     scan_depths: tuple = (6, 24)
-    reps: int = 9
+    reps: int = 15
     trace_reps: int = 7
 
 

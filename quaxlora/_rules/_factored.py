@@ -95,6 +95,8 @@ def _forward(spec: Spec, x, w, f1, f2, *, fuse: bool):
         precision=spec.precision, preferred_element_type=spec.preferred_element_type
     )
     t = _dot(x, spec.xl, f1, spec.f1l, spec.tl, **kw)
+    # `s·t` joins `x` in one array, so `x` must be able to hold it.
+    fuse = fuse and jnp.issubdtype(x.dtype, jnp.inexact)
     c = concat_label(spec) if fuse else None
     y_size = _size(spec.out, x, spec.xl, w, spec.wl)
     if c is not None and w.size <= FUSE_MAX_COPY * y_size:
