@@ -2,10 +2,12 @@
 
 `(w + s·b@a)·x = w·x + (s·b)·(a·x)`: the operand is contracted with the factor whose
 axes it meets first (`a` for the usual `in` contraction, `b` for a transposed use),
-giving a rank-sized intermediate, which is then contracted with the other factor.
-Every product is computed with the non-LoRA operand first — the layout its consumer
-(vmap, a following matmul) wants — and transposed to `dot_general`'s output order at
-the end, where XLA folds the transpose away. See `quaxlora/README.md`.
+giving a rank-sized intermediate, which is then contracted with the other factor;
+with plain operands this is `_factored.factored_product`, one differentiable
+operation with its own backward (and, under `grad`, one fused product). Every product
+is computed with the non-LoRA operand first — the layout its consumer (vmap, a
+following matmul) wants — and transposed to `dot_general`'s output order at the end,
+where XLA folds the transpose away. See `quaxlora/README.md`.
 """
 
 from typing import Any
