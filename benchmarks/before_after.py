@@ -39,7 +39,7 @@ def _autodiff_contract(spec, x, y):
 
 
 def _autodiff_factored(spec, x, w, f1, f2):
-    return _f._forward(spec, x, w, f1, f2, fuse=False)[0]
+    return _f.forward(spec, x, w, f1, f2, fuse=False)[0]
 
 
 @contextlib.contextmanager

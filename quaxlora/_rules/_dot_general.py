@@ -18,7 +18,7 @@ from jaxtyping import ArrayLike
 
 from .._lora_array import _is_value, LoraArray
 from ._contract import contract, transpose_to
-from ._factored import factored_product, Spec
+from ._factored import factored_product, forward, Spec
 
 
 def lora_labels(lora: LoraArray) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -50,33 +50,24 @@ def lora_contract(
     else:
         (f1, f1l), (f2, f2l) = (a, al), (b, bl)
     tl = _keep(xl, f1l, out, batch)
+    spec = Spec(
+        tuple(xl),
+        tuple(wl),
+        tuple(f1l),
+        tuple(f2l),
+        tuple(tl),
+        tuple(out),
+        lora.scaling,
+        not lora.stop_gradient,
+        dot_kwargs.get("precision"),
+        dot_kwargs.get("preferred_element_type"),
+    )
     if not (_is_value(x) or _is_value(lora.weight)):
-        spec = Spec(
-            tuple(xl),
-            tuple(wl),
-            tuple(f1l),
-            tuple(f2l),
-            tuple(tl),
-            tuple(out),
-            lora.scaling,
-            not lora.stop_gradient,
-            dot_kwargs.get("precision"),
-            dot_kwargs.get("preferred_element_type"),
-        )
         return factored_product(spec, x, lora.w, f1, f2)
     # A quax value on the other side (a `LoraArray`, ...) or as the base (quantised):
     # each product re-dispatches through quax, and autodiff differentiates whatever
     # those values' rules compute.
-    base = contract(x, xl, lora.w, wl, out, **dot_kwargs)
-    t = contract(x, xl, f1, f1l, tl, **dot_kwargs)
-    # Fold the scale into whichever operand of the second product is smaller.
-    if t.size < f2.size:
-        t = (lora.scaling * t).astype(t.dtype)
-    else:
-        f2 = (lora.scaling * f2).astype(f2.dtype)
-    f2 = f2.astype(t.dtype)
-    delta = contract(t, tl, f2, f2l, out, **dot_kwargs)
-    return (base + delta.astype(base.dtype)).astype(base.dtype)
+    return forward(spec, x, lora.w, f1, f2, fuse=False, dot=contract)[0]
 
 
 def _lora_dot(lora, x, lora_is_lhs, dimension_numbers, **dot_kwargs):

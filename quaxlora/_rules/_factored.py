@@ -89,12 +89,13 @@ def _size(labels, x, xl, w, wl) -> int:
     return math.prod(sizes[l] for l in labels)
 
 
-def _forward(spec: Spec, x, w, f1, f2, *, fuse: bool):
-    """`x·w + s·(x·f1)·f2`, and `t = x·f1`."""
+def forward(spec: Spec, x, w, f1, f2, *, fuse: bool, dot=_dot):
+    """`x·w + s·(x·f1)·f2`, and `t = x·f1`. `dot` computes one labelled product
+    (`_contract.contract` where an operand is a quax value)."""
     kw = dict(
         precision=spec.precision, preferred_element_type=spec.preferred_element_type
     )
-    t = _dot(x, spec.xl, f1, spec.f1l, spec.tl, **kw)
+    t = dot(x, spec.xl, f1, spec.f1l, spec.tl, **kw)
     # `s·t` joins `x` in one array, so `x` must be able to hold it.
     fuse = fuse and jnp.issubdtype(x.dtype, jnp.inexact)
     c = concat_label(spec) if fuse else None
@@ -106,14 +107,14 @@ def _forward(spec: Spec, x, w, f1, f2, *, fuse: bool):
         f2w = transpose_to(f2.astype(w.dtype), renamed(spec.f2l), spec.wl)
         xx = jnp.concatenate([x, st], axis=spec.xl.index(c))
         ww = jnp.concatenate([w, f2w], axis=spec.wl.index(c))
-        return _dot(xx, spec.xl, ww, spec.wl, spec.out, **kw), t
-    base = _dot(x, spec.xl, w, spec.wl, spec.out, **kw)
+        return dot(xx, spec.xl, ww, spec.wl, spec.out, **kw), t
+    base = dot(x, spec.xl, w, spec.wl, spec.out, **kw)
     # Fold the scale into whichever operand of the second product is smaller.
     if t.size < f2.size:
         st, sf2 = (spec.scaling * t).astype(t.dtype), f2.astype(t.dtype)
     else:
         st, sf2 = t, (spec.scaling * f2).astype(t.dtype)
-    delta = _dot(st, spec.tl, sf2, spec.f2l, spec.out, **kw)
+    delta = dot(st, spec.tl, sf2, spec.f2l, spec.out, **kw)
     return (base + delta.astype(base.dtype)).astype(base.dtype), t
 
 
@@ -121,11 +122,11 @@ def _forward(spec: Spec, x, w, f1, f2, *, fuse: bool):
 def factored_product(spec: Spec, x, w, f1, f2):
     """`einsum(x, w + s·f2⊗f1 -> out)` without forming the sum; see the module
     docstring. All operands are plain arrays."""
-    return _forward(spec, x, w, f1, f2, fuse=False)[0]
+    return forward(spec, x, w, f1, f2, fuse=False)[0]
 
 
 def _fwd(spec, x, w, f1, f2):
-    y, t = _forward(spec, x, w, f1, f2, fuse=True)
+    y, t = forward(spec, x, w, f1, f2, fuse=True)
     return y, (x, w, f1, f2, t)
 
 
