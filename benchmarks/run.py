@@ -170,19 +170,12 @@ def make_floor_step(loss, static, opt):
 def first_bias_spec(params):
     """Filter spec selecting the bias of the first `eqx.nn.Linear` of `params`."""
     is_linear = lambda x: isinstance(x, eqx.nn.Linear)
-    first = next(
-        l for l in jax.tree_util.tree_leaves(params, is_leaf=is_linear) if is_linear(l)
-    )
-    spec = jtu_map(lambda _: False, params)
-    return eqx.tree_at(
-        lambda t: next(
-            l.bias
-            for l in jax.tree_util.tree_leaves(t, is_leaf=is_linear)
-            if is_linear(l)
-        ),
-        spec,
-        first.bias is not None,
-    )
+
+    def first_bias(tree):
+        leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_linear)
+        return next(l for l in leaves if is_linear(l)).bias
+
+    return eqx.tree_at(first_bias, jtu_map(lambda _: False, params), True)
 
 
 def make_infer(static, *, quaxified):
