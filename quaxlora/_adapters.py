@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import PyTree
 
-from ._lora_array import _dense_weight, _is_value, LoraArray
+from ._lora_array import _dense_weight, is_value, LoraArray
 from ._paths import path_str
 from ._train import is_adapted, is_trainable, Trainable
 
@@ -18,7 +18,7 @@ from ._train import is_adapted, is_trainable, Trainable
 def model_leaves(model: PyTree) -> dict[str, Any]:
     """`{dotted path: leaf}`, with every quax value (adapters, quantised weights)
     kept whole."""
-    flat = jtu.tree_leaves_with_path(model, is_leaf=_is_value)
+    flat = jtu.tree_leaves_with_path(model, is_leaf=is_value)
     return {path_str(p): x for p, x in flat}
 
 
@@ -29,7 +29,7 @@ def adapted_leaves(model: PyTree) -> dict[str, Any]:
 
 def replace_leaves(model: PyTree, new: dict[str, Any]) -> PyTree:
     """`model` with the leaf at each path of `new` replaced."""
-    flat, treedef = jtu.tree_flatten_with_path(model, is_leaf=_is_value)
+    flat, treedef = jtu.tree_flatten_with_path(model, is_leaf=is_value)
     leaves = [new.get(path_str(p), x) for p, x in flat]
     return jtu.tree_unflatten(treedef, leaves)
 

@@ -13,13 +13,13 @@ import quax
 from jaxtyping import Array, PRNGKeyArray
 
 
-def _is_value(x: Any) -> bool:
+def is_value(x: Any) -> bool:
     return isinstance(x, quax.Value)
 
 
 def _dense_weight(w: Any) -> Array:
     """The plain array a base weight stands for (dequantising a quax-valued base)."""
-    return w.materialise() if _is_value(w) else w
+    return w.materialise() if is_value(w) else w
 
 
 def _check_rank(rank: Any) -> int:
@@ -215,5 +215,5 @@ class LoraArray(quax.ArrayValue):
                 "use the dense fallback for such primitives, exclude this weight "
                 "from `loraify`'s targets, or `quaxlora.merge` the model first."
             )
-        arrays = [v.materialise() if _is_value(v) else v for v in values]
+        arrays = [v.materialise() if is_value(v) else v for v in values]
         return primitive.bind(*arrays, **params)

@@ -184,19 +184,6 @@ def test_low_precision_model(getkey, dtype):
     assert_tree_allclose(out, mlp(x), rtol=1e-2, atol=1e-2)
 
 
-def test_forward_mode_needs_merge(getkey):
-    # Factored products carry a custom backward, so JAX refuses forward mode through
-    # them; the merged model is the documented route, and equals the factored model.
-    w = jr.normal(getkey(), (4, 3))
-    lora = _trained(ql.LoraArray(w, rank=2, key=getkey()), getkey())
-    x = jr.normal(getkey(), (3,))
-    f = quax.quaxify(lambda w, x: jnp.sin(w @ x))
-    with pytest.raises(TypeError, match="forward-mode"):
-        jax.jacfwd(f, argnums=1)(lora, x)
-    jac = jax.jacfwd(lambda x: jnp.sin(lora.merged() @ x))(x)
-    assert_tree_allclose(jax.jacrev(f, argnums=1)(lora, x), jac, **TOL)
-
-
 def _count_quax_retraces(monkeypatch):
     """Count the jitted functions quax re-traces under `quaxify` (quax's `jit` rule
     turns each one's jaxpr back into a function to trace)."""

@@ -1,30 +1,43 @@
-"""Einsum-style contraction by axis labels, lowered to one `lax.dot_general`.
+"""Einsum-style contraction by axis labels: one `lax.dot_general`, as a primitive
+with its own derivative rules.
 
 Each rule names the axes of its operands with labels (`"o"` for a weight's output
 axis, `"k"` for the rank axis, ...) and asks for an output labelling; `contract` finds
 the dimension numbers. A label in both operands is a batch axis if the output keeps
 it and is contracted otherwise; a label in one operand only is free.
 
-The backward is written by hand (`jax.custom_vjp`). The cotangent of an operand of a
-labelled contraction is itself a labelled contraction — of the output cotangent with
-the other operand — and of its two possible operand orders we take the one that needs
-no relayout of a large array: autodiff's own choice computes the gradient of a LoRA
-factor `b` as `gᵀ·h` (the big output cotangent first), for which XLA writes a
-transposed copy of the whole cotangent; `(hᵀ·g)ᵀ` transposes only the tiny result.
-The price: JAX cannot apply forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) to a
-`custom_vjp` function, so through a `LoraArray` only reverse mode is available.
+`contract` on plain arrays binds `contract_p`, a primitive whose rules are all
+labelled contractions again:
+
+- **jvp**: the product is bilinear, `d(x·y) = dx·y + x·dy`.
+- **transpose**: the cotangent of one operand is the contraction of the output
+  cotangent `g` with the other operand, computed in whichever of its two operand
+  orders relayouts fewer elements (`cheapest`). JAX's own transpose of `dot_general`
+  always puts `g` first; for the gradient of a LoRA factor `b`, `gᵀ·t` with the big
+  `(rows, out)` cotangent first, XLA then writes a transposed copy of the whole
+  cotangent, where `(tᵀ·g)ᵀ` transposes only the tiny `(rank, out)` result.
+- **batching**: a batched operand gets one more label (`V0`, `V1`, ...), free or
+  batch like any other, so `vmap` folds into the same single contraction and its
+  transpose still sums over the mapped axis inside one product.
+
+Because every rule produces `contract_p` again, the primitive composes with every
+transformation, at any order: `grad`, `jvp` / `jacfwd` / `linearize`, `vmap`, `scan`,
+`checkpoint`, and their nestings (`jacfwd` inside `grad`, `hessian`).
 """
 
 import functools as ft
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.extend.core as jexc
 import jax.lax as lax
 import jax.numpy as jnp
 import quax
+from jax.interpreters import ad, batching, mlir
 
-from .._lora_array import _is_value
+from .._lora_array import is_value
 
 
 Labels = Sequence[str]
@@ -33,7 +46,7 @@ Labels = Sequence[str]
 def bind(fn, *args, **kwargs) -> Any:
     """Call `fn`, re-dispatching through quax if an operand is itself a quax value
     (a `LoraArray` on both sides, a quantised base, ...)."""
-    if any(_is_value(x) for x in args):
+    if any(is_value(x) for x in args):
         return quax.quaxify(fn)(*args, **kwargs)
     return fn(*args, **kwargs)
 
@@ -46,7 +59,7 @@ def transpose_to(x: Any, labels: Labels, out: Labels) -> Any:
     return bind(lambda x: lax.transpose(x, perm), x)
 
 
-def _plan(xl: Labels, yl: Labels, out: Labels):
+def _dimension_numbers(xl: Labels, yl: Labels, out: Labels):
     """Dimension numbers and natural output labels of `einsum(xl, yl -> out)`."""
     both = [l for l in xl if l in yl]
     batch = [l for l in both if l in out]
@@ -66,8 +79,10 @@ def _plan(xl: Labels, yl: Labels, out: Labels):
     return dn, batch, summed, free_x, free_y
 
 
-def _dot(x, xl, y, yl, out, precision, preferred_element_type):
-    dn, batch, _, free_x, free_y = _plan(xl, yl, out)
+def dot(x, xl, y, yl, out, precision=None, preferred_element_type=None):
+    """`einsum(xl, yl -> out)` as one `lax.dot_general` (and a transpose, only if
+    `out` is not the natural `(batch, x free, y free)` order). No custom rules."""
+    dn, batch, _, free_x, free_y = _dimension_numbers(xl, yl, out)
     z = lax.dot_general(
         x, y, dn, precision=precision, preferred_element_type=preferred_element_type
     )
@@ -79,67 +94,72 @@ def _relayouts(x, xl, y, yl, out) -> int:
     the left operand: a matmul reads `x` as `(batch, free, contracted)` and `y` as
     `(batch, contracted, free)`, and writes `(batch, x free, y free)`; an operand or
     result in any other order is copied."""
-    _, batch, summed, free_x, free_y = _plan(xl, yl, out)
+    _, batch, summed, free_x, free_y = _dimension_numbers(xl, yl, out)
     cost = 0
     if list(xl) != batch + free_x + summed:
-        cost += x.size
+        cost += math.prod(x.shape)
     if list(yl) != batch + summed + free_y:
-        cost += y.size
+        cost += math.prod(y.shape)
     if list(out) != batch + free_x + free_y:
-        cost += _out_size(x, xl, y, yl, out)
+        cost += size_of(out, x, xl, y, yl)
     return cost
 
 
-def _out_size(x, xl, y, yl, out) -> int:
+def size_of(labels: Labels, x, xl: Labels, y, yl: Labels) -> int:
+    """The number of elements of an array labelled `labels`, whose axes are axes of
+    `x` (labelled `xl`) or `y` (labelled `yl`)."""
     sizes = dict(zip(xl, x.shape)) | dict(zip(yl, y.shape))
-    n = 1
-    for l in out:
-        n *= sizes[l]
-    return n
+    return math.prod(sizes[l] for l in labels)
 
 
-def _cheapest(x, xl, y, yl, out, precision, preferred_element_type, dtype):
-    """`einsum(xl, yl -> out)` in whichever operand order relayouts less, cast to
-    `dtype` (unless None). Ties keep `x` first."""
+def cheapest(x, xl, y, yl, out, *, precision=None, preferred_element_type=None):
+    """`contract` in whichever operand order relayouts less. Ties keep `x` first."""
     if _relayouts(y, yl, x, xl, out) < _relayouts(x, xl, y, yl, out):
         x, xl, y, yl = y, yl, x, xl
-    z = _dot(x, xl, y, yl, out, precision, preferred_element_type)
-    return z if dtype is None else z.astype(dtype)
+    return contract(
+        x, xl, y, yl, out, precision=precision, preferred_element_type=preferred_element_type
+    )
 
 
-@ft.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _contract(spec, x, y):
-    return _dot(x, spec[0], y, *spec[1:])
+def _impl(x, y, *, xl, yl, out, precision, preferred_element_type):
+    return dot(x, xl, y, yl, out, precision, preferred_element_type)
 
 
-def _contract_fwd(spec, x, y):
-    return _contract(spec, x, y), (x, y)
+def _abstract_eval(x, y, **params):
+    z = jax.eval_shape(ft.partial(_impl, **params), x, y)
+    return jax.core.ShapedArray(z.shape, z.dtype)
 
 
-def _contract_bwd(spec, res, g):
-    xl, yl, out, precision, preferred_element_type = spec
-    x, y = res
-    grads = []
-    for operand, ol, other, otherl in ((x, xl, y, yl), (y, yl, x, xl)):
-        if jnp.issubdtype(operand.dtype, jnp.inexact):
-            grads.append(
-                _cheapest(
-                    g,
-                    out,
-                    other,
-                    otherl,
-                    ol,
-                    precision,
-                    preferred_element_type,
-                    operand.dtype,
-                )
-            )
-        else:
-            grads.append(None)
-    return tuple(grads)
+def _transpose(operand: str, g, x, y, *, xl, yl, out, **kwargs):
+    # The cotangent of `x` is `einsum(g, y -> x)`, of `y` is `einsum(x, g -> y)`.
+    if operand == "x":
+        aval, other, otherl, labels = x.aval, y, yl, xl
+    else:
+        aval, other, otherl, labels = y.aval, x, xl, yl
+    ct = cheapest(g, out, other, otherl, labels, **kwargs)
+    return ct.astype(aval.dtype)
 
 
-_contract.defvjp(_contract_fwd, _contract_bwd)
+def _batch(args, dims, *, xl, yl, out, **kwargs):
+    # The mapped axis becomes one more label, so the batched product is still one
+    # labelled contraction (free or batch, as the mapped operands decide).
+    taken = {*xl, *yl, *out}
+    label = next(f"V{i}" for i in range(len(taken) + 1) if f"V{i}" not in taken)
+    (x, y), (bx, by) = args, dims
+    if bx is not None:
+        x, xl = jnp.moveaxis(x, bx, 0), (label, *xl)
+    if by is not None:
+        y, yl = jnp.moveaxis(y, by, 0), (label, *yl)
+    z = contract_p.bind(x, y, xl=xl, yl=yl, out=(label, *out), **kwargs)
+    return z, 0
+
+
+contract_p = jexc.Primitive("quaxlora_contract")
+contract_p.def_impl(_impl)
+contract_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(contract_p, mlir.lower_fun(_impl, multiple_results=False))
+ad.defbilinear(contract_p, ft.partial(_transpose, "x"), ft.partial(_transpose, "y"))
+batching.primitive_batchers[contract_p] = _batch
 
 
 def contract(
@@ -155,12 +175,12 @@ def contract(
     """`einsum(f"{xl},{yl}->{out}", x, y)` as a single `dot_general` (then a
     transpose, only if `out` is not the natural `(batch, x free, y free)` order).
 
-    Plain arrays go through a hand-written backward (see the module docstring); when
-    an operand is a quax value the contraction re-dispatches, and autodiff is left to
-    differentiate whatever that value's own rules produce."""
+    Plain arrays bind `contract_p` (see the module docstring for its derivative and
+    batching rules); when an operand is a quax value the contraction re-dispatches,
+    and autodiff differentiates whatever that value's own rules produce."""
     xl, yl, out = tuple(xl), tuple(yl), tuple(out)
-    if _is_value(x) or _is_value(y):
-        pet = preferred_element_type
-        return bind(lambda x, y: _dot(x, xl, y, yl, out, precision, pet), x, y)
-    spec = (xl, yl, out, precision, preferred_element_type)
-    return _contract(spec, x, y)
+    pet = preferred_element_type
+    if is_value(x) or is_value(y):
+        return bind(lambda x, y: dot(x, xl, y, yl, out, precision, pet), x, y)
+    params = dict(precision=precision, preferred_element_type=pet)
+    return contract_p.bind(x, y, xl=xl, yl=yl, out=out, **params)

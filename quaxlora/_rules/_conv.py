@@ -21,6 +21,7 @@ reports both estimates.
 """
 
 import dataclasses
+import functools as ft
 import math
 from typing import Any, Literal
 
@@ -30,8 +31,9 @@ import jax.numpy as jnp
 import quax
 from jaxtyping import ArrayLike
 
-from .._lora_array import LoraArray
+from .._lora_array import is_value, LoraArray
 from ._contract import bind, contract
+from ._frozen import apply_frozen
 from ._structural import _replace
 
 
@@ -112,6 +114,13 @@ def _conv(x, w, **params) -> Any:
     return bind(lambda x, w: lax.conv_general_dilated_p.bind(x, w, **params), x, w)
 
 
+def _base_conv(x, lora: LoraArray, params) -> Any:
+    """`conv(x, w)`, with no gradient to `w` when `stop_gradient` (see `_frozen`)."""
+    if not lora.stop_gradient or is_value(x) or is_value(lora.weight):
+        return _conv(x, lora.w, **params)
+    return apply_frozen(ft.partial(_conv, **params), x, lora.weight)
+
+
 def _delta(x, lora: LoraArray, params) -> Any:
     """`conv(x, w + s·b⊗a)`: one convolution with the (kernel-sized) merged kernel."""
     return _conv(x, lora.merged(), **params)
@@ -123,7 +132,7 @@ def _factored(x, lora: LoraArray, params) -> Any:
     groups = params["feature_group_count"]
     a, b = lora.a.astype(lora.dtype), lora.b.astype(lora.dtype)
     sb = (lora.scaling * b).astype(b.dtype)
-    base = _conv(x, lora.w, **params)
+    base = _base_conv(x, lora, params)
     out_labels = [f"Y{i}" for i in range(base.ndim)]
     out_labels[out_spec[1]] = "o"
     if _orientation(lora, params) == "in":

@@ -16,7 +16,7 @@ import jax.lax as lax
 import quax
 from jaxtyping import ArrayLike
 
-from .._lora_array import _is_value, LoraArray
+from .._lora_array import is_value, LoraArray
 from ._contract import contract, transpose_to
 from ._factored import factored_product, forward, Spec
 
@@ -62,8 +62,11 @@ def lora_contract(
         dot_kwargs.get("precision"),
         dot_kwargs.get("preferred_element_type"),
     )
-    if not (_is_value(x) or _is_value(lora.weight)):
-        return factored_product(spec, x, lora.w, f1, f2)
+    if not (is_value(x) or is_value(lora.weight)):
+        # The raw weight: `w_grad` keeps gradients from it, and under `lax.scan` a
+        # scanned parameter slice is a residual that needs no copy (a
+        # `stop_gradient` output would be stacked over the iterations).
+        return factored_product(spec, x, lora.weight, f1, f2)
     # A quax value on the other side (a `LoraArray`, ...) or as the base (quantised):
     # each product re-dispatches through quax, and autodiff differentiates whatever
     # those values' rules compute.

@@ -1,4 +1,5 @@
-"""The factored LoRA product as one differentiable operation with its own backward.
+"""The factored LoRA product as one differentiable operation: a `custom_jvp` whose
+tangent map is made of labelled contractions (`_contract.contract_p`).
 
 For a `LoraArray` `W = w + s·f2⊗f1` met by an operand `x` (labelled as in
 `_contract.py`), `x·W = x·w + s·t·f2` with `t = x·f1` the rank-sized intermediate:
@@ -8,22 +9,25 @@ when it is contracted (a transposed use, `x @ W`).
 **Forward, not differentiated** (inference): two products and a sum,
 `x·w + (s·t)·f2`, with the scale folded into the smaller operand.
 
-**Forward under reverse-mode differentiation**: one product,
+**Forward under differentiation** (the primal half of the jvp rule): one product,
 `[x | s·t]·[w | f2]`, the two operands concatenated along the contracted axis (`t`'s
 and `f2`'s rank axis is the continuation of the axis `x` and `w` contract). A sum
 of two products that an activation consumes is fused by XLA into the activation and
 into its derivative, so both products stay alive until the backward — one extra
-activation-sized buffer per adapted layer (8 × 2 MiB on the benchmark MLP, where it
-made a LoRA step need 0.65× of full fine-tuning's memory instead of 0.56×). One
-product leaves one buffer, and saves the small `t·f2` product. The price is a
-`w`-sized temporary, copied once per step: it is taken when it is at most
-`FUSE_MAX_COPY` times the output buffer it saves (so its copy is cheap against the
-product, `rows · w.size` multiply-adds, and on a deep model it is outweighed by one
-saved buffer per layer). Otherwise, and whenever the two contractions do not line up
-(for example when the product sums over a stacked `LoraArray`'s batch axis), the
-two-product form is used.
+activation-sized buffer per adapted layer. One product leaves one buffer, and saves
+the small `t·f2` product. The price is a `w`-sized temporary: it is taken when it
+is at most `FUSE_MAX_COPY` times the output buffer it saves. Otherwise, and whenever
+the two contractions do not line up (for example when the product sums over a
+stacked `LoraArray`'s batch axis), the two-product form is used.
 
-**Backward**, from the residuals `x, w, f1, f2, t` and the output cotangent `g`:
+**Tangent map**, linear in the tangents `dx, df1, df2` (and `dw` only when `w` is
+not behind `stop_gradient`):
+
+    dy = dx·w + s·(dx·f1 + x·df1)·f2 + s·t·df2 (+ x·dw)
+
+Forward mode (`jvp`, `jacfwd`, `linearize`) evaluates it. Reverse mode transposes
+it, one contraction at a time, through `contract_p`'s transpose rule; from the
+residuals `x, w, f1, f2, s·t` and the output cotangent `g` that is
 
     ∂f2 = s·tᵀ·g          (contracting the rows)
     u   = s·g·f2ᵀ         (rows × rank)
@@ -31,20 +35,21 @@ two-product form is used.
     ∂x  = g·wᵀ + u·f1
     ∂w  = gᵀ·x            (only when `w` is not behind `stop_gradient`)
 
-Each is a labelled contraction computed in the operand order that needs no relayout
-of a large array (`_contract._cheapest`), which is what keeps autodiff's `gᵀ·t` from
-writing a transposed copy of the whole cotangent. Forward-mode autodiff (`jax.jvp`)
-is not available through a `custom_vjp`; see `quaxlora/README.md`.
+each computed in the operand order that needs no relayout of a large array, which
+is what keeps autodiff's `gᵀ·t` from writing a transposed copy of the whole
+cotangent. The weight is passed as it is, not through `lax.stop_gradient`: the
+tangent map simply has no `dw` term, and a residual that is the weight itself (a
+scanned parameter slice) is not copied by `lax.scan`, where a `stop_gradient`
+output would be stacked over the iterations — a full copy of the block weights.
 """
 
 import functools as ft
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from ._contract import _cheapest, _dot, transpose_to
+from ._contract import contract, dot, size_of, transpose_to
 
 
 # The differentiated forward concatenates `[w | f2]` when that `w`-sized temporary
@@ -84,12 +89,7 @@ def concat_label(spec: Spec) -> str | None:
     return c
 
 
-def _size(labels, x, xl, w, wl) -> int:
-    sizes = dict(zip(xl, x.shape)) | dict(zip(wl, w.shape))
-    return math.prod(sizes[l] for l in labels)
-
-
-def forward(spec: Spec, x, w, f1, f2, *, fuse: bool, dot=_dot):
+def forward(spec: Spec, x, w, f1, f2, *, fuse: bool, dot=dot):
     """`x·w + s·(x·f1)·f2`, and `t = x·f1`. `dot` computes one labelled product
     (`_contract.contract` where an operand is a quax value)."""
     kw = dict(
@@ -99,7 +99,7 @@ def forward(spec: Spec, x, w, f1, f2, *, fuse: bool, dot=_dot):
     # `s·t` joins `x` in one array, so `x` must be able to hold it.
     fuse = fuse and jnp.issubdtype(x.dtype, jnp.inexact)
     c = concat_label(spec) if fuse else None
-    y_size = _size(spec.out, x, spec.xl, w, spec.wl)
+    y_size = size_of(spec.out, x, spec.xl, w, spec.wl)
     if c is not None and w.size <= FUSE_MAX_COPY * y_size:
         renamed = lambda labels: tuple(c if l == "k" else l for l in labels)
         st = (spec.scaling * t).astype(x.dtype)
@@ -118,37 +118,45 @@ def forward(spec: Spec, x, w, f1, f2, *, fuse: bool, dot=_dot):
     return (base + delta.astype(base.dtype)).astype(base.dtype), t
 
 
-@ft.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@ft.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def factored_product(spec: Spec, x, w, f1, f2):
     """`einsum(x, w + s·f2⊗f1 -> out)` without forming the sum; see the module
     docstring. All operands are plain arrays."""
     return forward(spec, x, w, f1, f2, fuse=False)[0]
 
 
-def _fwd(spec, x, w, f1, f2):
+@ft.partial(factored_product.defjvp, symbolic_zeros=True)
+def _jvp(spec: Spec, primals, tangents):
+    x, w, f1, f2 = primals
+    dx, dw, df1, df2 = (None if _is_zero(d) else d for d in tangents)
     y, t = forward(spec, x, w, f1, f2, fuse=True)
-    return y, (x, w, f1, f2, t)
-
-
-def _bwd(spec, res, g):
-    x, w, f1, f2, t = res
-
-    def product(p, pl, q, ql, out, dtype=None):
-        return _cheapest(
-            p, pl, q, ql, out, spec.precision, spec.preferred_element_type, dtype
-        )
-
+    kw = dict(
+        precision=spec.precision, preferred_element_type=spec.preferred_element_type
+    )
     s = spec.scaling
-    g_f2 = (s * product(g, spec.out, t, spec.tl, spec.f2l)).astype(f2.dtype)
-    u = (s * product(g, spec.out, f2, spec.f2l, spec.tl)).astype(t.dtype)
-    g_f1 = product(u, spec.tl, x, spec.xl, spec.f1l, f1.dtype)
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-        g_x = product(g, spec.out, w, spec.wl, spec.xl, x.dtype)
-        g_x = g_x + product(u, spec.tl, f1, spec.f1l, spec.xl, x.dtype)
-    else:
-        g_x = None
-    g_w = product(g, spec.out, x, spec.xl, spec.wl, w.dtype) if spec.w_grad else None
-    return g_x, g_w, g_f1, g_f2
+    # dy = dx·w + s·(dx·f1 + x·df1)·f2 + s·t·df2 (+ x·dw): labelled contractions,
+    # whose transposes are the backward of the module docstring.
+    terms, dt = [], []
+    if dx is not None:
+        terms.append(contract(dx, spec.xl, w, spec.wl, spec.out, **kw))
+        dt.append(contract(dx, spec.xl, f1, spec.f1l, spec.tl, **kw))
+    if df1 is not None:
+        dt.append(contract(x, spec.xl, df1, spec.f1l, spec.tl, **kw))
+    if dt:
+        sdt = (s * sum(dt[1:], dt[0])).astype(t.dtype)
+        terms.append(contract(sdt, spec.tl, f2, spec.f2l, spec.out, **kw))
+    if df2 is not None:
+        st = (s * t).astype(t.dtype)
+        terms.append(contract(st, spec.tl, df2, spec.f2l, spec.out, **kw))
+    if dw is not None and spec.w_grad:
+        terms.append(contract(x, spec.xl, dw, spec.wl, spec.out, **kw))
+    if not terms:
+        return y, jnp.zeros_like(y)
+    dy = terms[0].astype(y.dtype)
+    for term in terms[1:]:
+        dy = dy + term.astype(y.dtype)
+    return y, dy
 
 
-factored_product.defvjp(_fwd, _bwd)
+def _is_zero(tangent) -> bool:
+    return isinstance(tangent, jax.custom_derivatives.SymbolicZero)
