@@ -24,7 +24,9 @@ def _trained(model, key, scale=0.3):
     loras = [x for x in jax.tree.leaves(model, is_leaf=is_lora) if is_lora(x)]
     keys = iter(jr.split(key, len(loras)))
     perturb = lambda x: (
-        eqx.tree_at(lambda l: l.b, x, scale * jr.normal(next(keys), x.b.shape, x.b.dtype))
+        eqx.tree_at(
+            lambda l: l.b, x, scale * jr.normal(next(keys), x.b.shape, x.b.dtype)
+        )
         if is_lora(x)
         else x
     )

@@ -117,7 +117,13 @@ def cheapest(x, xl, y, yl, out, *, precision=None, preferred_element_type=None):
     if _relayouts(y, yl, x, xl, out) < _relayouts(x, xl, y, yl, out):
         x, xl, y, yl = y, yl, x, xl
     return contract(
-        x, xl, y, yl, out, precision=precision, preferred_element_type=preferred_element_type
+        x,
+        xl,
+        y,
+        yl,
+        out,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
     )
 
 
