@@ -76,6 +76,7 @@ def _fit(p: str, ad: Any, old: Any) -> Any:
             rslora=ad.rslora,
             stop_gradient=ad.stop_gradient,
             allow_materialise=ad.allow_materialise,
+            dropout=ad.dropout,
             batch_ndim=ad.batch_ndim,
         )
     except ValueError as e:

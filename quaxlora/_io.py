@@ -343,7 +343,9 @@ def _lora_from_file(p, t, a, b, old) -> Any:
     flags = {}
     if isinstance(old, LoraArray):
         flags = dict(
-            stop_gradient=old.stop_gradient, allow_materialise=old.allow_materialise
+            stop_gradient=old.stop_gradient,
+            allow_materialise=old.allow_materialise,
+            dropout=old.dropout,
         )
     try:
         return LoraArray(

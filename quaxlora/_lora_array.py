@@ -71,6 +71,8 @@ class LoraArray(quax.ArrayValue):
     rslora: bool = eqx.field(static=True)
     stop_gradient: bool = eqx.field(static=True)
     allow_materialise: bool = eqx.field(static=True)
+    dropout: float = eqx.field(static=True)
+    dropout_key: Any
 
     def __init__(
         self,
@@ -81,6 +83,8 @@ class LoraArray(quax.ArrayValue):
         rslora: bool = False,
         stop_gradient: bool = True,
         allow_materialise: bool = False,
+        dropout: float = 0.0,
+        dropout_key: PRNGKeyArray | None = None,
         batch_ndim: int = 0,
         dtype: Any = None,
         key: PRNGKeyArray | None = None,
@@ -95,10 +99,18 @@ class LoraArray(quax.ArrayValue):
         - `alpha`: the LoRA alpha; defaults to `rank`, so that `scaling == 1`.
         - `rslora`: use rank-stabilised scaling `alpha / sqrt(rank)` instead of
             `alpha / rank`.
-        - `stop_gradient`: read the base weight through `lax.stop_gradient`, so that
-            no gradient ever reaches it.
+        - `stop_gradient`: no gradient ever reaches the base weight, even when the
+            whole model is differentiated (the rules' derivatives have no term in
+            it; see the primitives page).
         - `allow_materialise`: for a primitive without a factored rule, form
             `w + scaling * b @ a` densely instead of raising an error.
+        - `dropout`: LoRA dropout rate `p` (PEFT's `lora_dropout`): the adapter
+            branch sees `x` with each element zeroed with probability `p` (and the
+            rest scaled by `1 / (1 - p)`), `x·w + s·b·a·drop(x)`. It is applied only
+            while a key is set (`quaxlora.set_dropout_key`), so it is off at
+            inference and in `quaxlora.merge`.
+        - `dropout_key`: the PRNG key of the dropout mask (see
+            `quaxlora.set_dropout_key`, which sets one per layer).
         - `batch_ndim`: how many leading axes of `weight` are batch axes (1 for a
             layer stack built with `eqx.filter_vmap`).
         - `dtype`: dtype of the factors; defaults to the weight's dtype.
@@ -162,13 +174,48 @@ class LoraArray(quax.ArrayValue):
         self.rslora = rslora
         self.stop_gradient = stop_gradient
         self.allow_materialise = allow_materialise
+        if isinstance(dropout, bool) or not 0 <= dropout < 1:
+            raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
+        self.dropout = float(dropout)
+        self.dropout_key = dropout_key
 
     @property
     def w(self) -> Any:
-        """The frozen base weight, through `lax.stop_gradient` if `stop_gradient`."""
+        """The frozen base weight, through `lax.stop_gradient` if `stop_gradient`.
+
+        Rules whose backward keeps the weight use `weight` itself instead, with a
+        derivative that ignores its tangent: under `lax.scan` a `stop_gradient`
+        output kept for the backward is stacked over the iterations (a weight copy).
+        """
         if self.stop_gradient:
             return jtu.tree_map(lax.stop_gradient, self.weight)
         return self.weight
+
+    @property
+    def dropout_active(self) -> bool:
+        """Whether LoRA dropout applies: `dropout > 0` and a key is set."""
+        return self.dropout > 0 and self.dropout_key is not None
+
+    def adapter_input(self, x: Any) -> Any:
+        """The input of the adapter branch: `x`, or `x` after LoRA dropout when
+        `dropout > 0` and a key is set. The mask has `x`'s shape: under `jax.vmap`
+        with one key, every example gets the same mask (vmap over keys too)."""
+        if not self.dropout_active:
+            return x
+        if is_value(x):
+            raise TypeError(
+                "LoRA dropout needs a plain array as the adapter's input, got a "
+                f"`{type(x).__name__}`."
+            )
+        if self.dropout_key.shape != ():
+            raise ValueError(
+                "This `LoraArray` holds a stack of dropout keys (a layer stack); "
+                "apply it one layer at a time (`lax.scan` over the stack) to use "
+                "dropout."
+            )
+        keep = jr.bernoulli(self.dropout_key, 1 - self.dropout, x.shape)
+        scale = jnp.asarray(1 / (1 - self.dropout), x.dtype)
+        return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
 
     @property
     def scaling(self) -> float:

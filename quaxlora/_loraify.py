@@ -64,6 +64,7 @@ def loraify(
     stop_gradient: bool = True,
     allow_materialise: bool = False,
     dtype: Any = None,
+    dropout: float = 0.0,
 ) -> PyTree:
     """Add LoRA adapters to an Equinox model.
 
@@ -100,9 +101,14 @@ def loraify(
         wrapped in `Trainable`, which `quaxlora.is_trainable` selects.
     - `bias`: as PEFT: `"none"` (no bias is trained), `"all"` (every bias in the
         model is trained) or `"lora_only"` (the biases of adapted layers).
-    - `stop_gradient`: read frozen weights through `lax.stop_gradient`.
+    - `stop_gradient`: no gradient ever reaches a frozen weight, even when the
+        whole model is differentiated.
     - `allow_materialise`: allow the dense fallback for primitives without a rule.
     - `dtype`: dtype of the adapter factors (default: each weight's dtype).
+    - `dropout`: LoRA dropout rate (PEFT's `lora_dropout`) on the input of each
+        adapter branch, `x·w + s·b·a·drop(x)`. Applied only while the model holds
+        dropout keys: set them each training step with `quaxlora.set_dropout_key`.
+        Linear and convolution layers; embedding lookups have none (as in PEFT).
 
     **Returns:**
 
@@ -159,6 +165,7 @@ def loraify(
             rslora=rslora,
             stop_gradient=stop_gradient,
             allow_materialise=allow_materialise,
+            dropout=dropout,
             batch_ndim=_batch_ndim(node),
             dtype=dtype,
             key=k,

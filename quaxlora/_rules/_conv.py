@@ -133,6 +133,7 @@ def _factored(x, lora: LoraArray, params) -> Any:
     a, b = lora.a.astype(lora.dtype), lora.b.astype(lora.dtype)
     sb = (lora.scaling * b).astype(b.dtype)
     base = _base_conv(x, lora, params)
+    x = lora.adapter_input(x)  # the adapter branch's input (LoRA dropout)
     out_labels = [f"Y{i}" for i in range(base.ndim)]
     out_labels[out_spec[1]] = "o"
     if _orientation(lora, params) == "in":
@@ -164,6 +165,16 @@ def _factored(x, lora: LoraArray, params) -> Any:
 @quax.register(lax.conv_general_dilated_p)
 def _(lhs: ArrayLike | quax.ArrayValue, rhs: LoraArray, **params) -> Any:
     plan = _plan(lhs.shape, rhs, _out_shape(lhs, rhs, params), params)
+    if rhs.dropout_active:
+        # LoRA dropout acts on the adapter branch's input: only the factored plan
+        # has one.
+        if plan.orientation is None:
+            raise TypeError(
+                "LoRA dropout on this convolution needs the factored plan, which "
+                "this layout has not (see `quaxlora.conv_plan`); use `dropout=0` "
+                "for this layer."
+            )
+        return _factored(lhs, rhs, params)
     if plan.plan == "factored":
         return _factored(lhs, rhs, params)
     return _delta(lhs, rhs, params)

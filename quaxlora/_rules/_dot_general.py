@@ -66,11 +66,13 @@ def lora_contract(
         # The raw weight: `w_grad` keeps gradients from it, and under `lax.scan` a
         # scanned parameter slice is a residual that needs no copy (a
         # `stop_gradient` output would be stacked over the iterations).
-        return factored_product(spec, x, lora.weight, f1, f2)
+        xa = lora.adapter_input(x)
+        return factored_product(spec, x, lora.weight, f1, f2, xa)
     # A quax value on the other side (a `LoraArray`, ...) or as the base (quantised):
     # each product re-dispatches through quax, and autodiff differentiates whatever
     # those values' rules compute.
-    return forward(spec, x, lora.w, f1, f2, fuse=False, dot=contract)[0]
+    xa = lora.adapter_input(x)
+    return forward(spec, x, lora.w, f1, f2, xa, fuse=False, dot=contract)[0]
 
 
 def _lora_dot(lora, x, lora_is_lhs, dimension_numbers, **dot_kwargs):

@@ -89,13 +89,15 @@ def concat_label(spec: Spec) -> str | None:
     return c
 
 
-def forward(spec: Spec, x, w, f1, f2, *, fuse: bool, dot=dot):
-    """`x·w + s·(x·f1)·f2`, and `t = x·f1`. `dot` computes one labelled product
+def forward(spec: Spec, x, w, f1, f2, xa=None, *, fuse: bool, dot=dot):
+    """`x·w + s·(xa·f1)·f2`, and `t = xa·f1`, where `xa` is the adapter branch's
+    input (`x`, or `x` after LoRA dropout). `dot` computes one labelled product
     (`_contract.contract` where an operand is a quax value)."""
     kw = dict(
         precision=spec.precision, preferred_element_type=spec.preferred_element_type
     )
-    t = dot(x, spec.xl, f1, spec.f1l, spec.tl, **kw)
+    xa = x if xa is None else xa
+    t = dot(xa, spec.xl, f1, spec.f1l, spec.tl, **kw)
     # `s·t` joins `x` in one array, so `x` must be able to hold it.
     fuse = fuse and jnp.issubdtype(x.dtype, jnp.inexact)
     c = concat_label(spec) if fuse else None
@@ -118,30 +120,36 @@ def forward(spec: Spec, x, w, f1, f2, *, fuse: bool, dot=dot):
     return (base + delta.astype(base.dtype)).astype(base.dtype), t
 
 
-@ft.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def factored_product(spec: Spec, x, w, f1, f2):
+def factored_product(spec: Spec, x, w, f1, f2, xa=None):
     """`einsum(x, w + s·f2⊗f1 -> out)` without forming the sum; see the module
-    docstring. All operands are plain arrays."""
-    return forward(spec, x, w, f1, f2, fuse=False)[0]
+    docstring. All operands are plain arrays; `xa`, the adapter branch's input,
+    defaults to `x` (it differs under LoRA dropout)."""
+    return _factored_product(spec, x, w, f1, f2, x if xa is None else xa)
 
 
-@ft.partial(factored_product.defjvp, symbolic_zeros=True)
+@ft.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _factored_product(spec: Spec, x, w, f1, f2, xa):
+    return forward(spec, x, w, f1, f2, xa, fuse=False)[0]
+
+
+@ft.partial(_factored_product.defjvp, symbolic_zeros=True)
 def _jvp(spec: Spec, primals, tangents):
-    x, w, f1, f2 = primals
-    dx, dw, df1, df2 = (None if _is_zero(d) else d for d in tangents)
-    y, t = forward(spec, x, w, f1, f2, fuse=True)
+    x, w, f1, f2, xa = primals
+    dx, dw, df1, df2, dxa = (None if _is_zero(d) else d for d in tangents)
+    y, t = forward(spec, x, w, f1, f2, xa, fuse=True)
     kw = dict(
         precision=spec.precision, preferred_element_type=spec.preferred_element_type
     )
     s = spec.scaling
-    # dy = dx·w + s·(dx·f1 + x·df1)·f2 + s·t·df2 (+ x·dw): labelled contractions,
-    # whose transposes are the backward of the module docstring.
+    # dy = dx·w + s·(dxa·f1 + xa·df1)·f2 + s·t·df2 (+ x·dw): labelled
+    # contractions, whose transposes are the backward of the module docstring.
     terms, dt = [], []
     if dx is not None:
         terms.append(contract(dx, spec.xl, w, spec.wl, spec.out, **kw))
-        dt.append(contract(dx, spec.xl, f1, spec.f1l, spec.tl, **kw))
+    if dxa is not None:
+        dt.append(contract(dxa, spec.xl, f1, spec.f1l, spec.tl, **kw))
     if df1 is not None:
-        dt.append(contract(x, spec.xl, df1, spec.f1l, spec.tl, **kw))
+        dt.append(contract(xa, spec.xl, df1, spec.f1l, spec.tl, **kw))
     if dt:
         sdt = (s * sum(dt[1:], dt[0])).astype(t.dtype)
         terms.append(contract(sdt, spec.tl, f2, spec.f2l, spec.out, **kw))
