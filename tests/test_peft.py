@@ -131,7 +131,7 @@ def test_errors(base, tmp_path):
     with pytest.raises(ValueError, match="`mapping` has no entry for the PEFT module"):
         ql.load_peft(src, base, {k: v for k, v in MAPPING.items() if k != "fc2"})
     with pytest.raises(ValueError, match="PEFT module `fc1` does not fit"):
-        ql.load_peft(src, base, {**MAPPING, "fc1": "fc2"})
+        ql.load_peft(src, base, {**MAPPING, "fc1": "fc2", "fc2": "fc1"})
     bad = tmp_path / "bad"
     shutil.copytree(src, bad)
     with open(bad / "adapter_config.json") as f:
