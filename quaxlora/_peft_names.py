@@ -99,6 +99,14 @@ def _listed(xs: Sequence[str], n: int = 10) -> str:
     return f"{xs[:n]}{more}"
 
 
+def _twice(twice: Mapping[str, Any]) -> str:
+    return (
+        "`mapping` gives several quaxlora modules the same PEFT name: "
+        + "; ".join(f"`{n}` <- {sorted(ps)}" for n, ps in sorted(twice.items()))
+        + "."
+    )
+
+
 def peft_to_paths(
     mapping: NameMap, model: PyTree, exact: set[str], keys: set[str]
 ) -> tuple[dict[str, str], dict[str, str]]:
@@ -143,18 +151,17 @@ def peft_to_paths(
             missing.add(key.rpartition(".")[0])
         else:
             owners[key] = owner
+    used = exact | set(owners.values())
+    problems = []
     if missing:
-        raise ValueError(
+        problems.append(
             f"`mapping` has no entry for the PEFT module(s) {_listed(missing)}. "
             f"Module paths of `model`: {_listed(module_paths(model))}."
         )
-    used = exact | set(owners.values())
-    if twice := {n: found[n] for n in used if len(found[n]) > 1}:
-        raise ValueError(
-            "`mapping` gives several quaxlora modules the same PEFT name: "
-            + "; ".join(f"`{n}` <- {sorted(ps)}" for n, ps in sorted(twice.items()))
-            + "."
-        )
+    if twice := {n: found[n] for n in used if len(found.get(n, [])) > 1}:
+        problems.append(_twice(twice))
+    if problems:
+        raise ValueError(" ".join(problems))
     return {n: found[n][0] for n in used}, owners
 
 
@@ -203,9 +210,5 @@ def paths_to_peft(
     for path, name in [*named.items(), *owners.values()]:
         by_name.setdefault(name, set()).add(path)
     if twice := {n: ps for n, ps in by_name.items() if len(ps) > 1}:
-        raise ValueError(
-            "`mapping` gives several quaxlora modules the same PEFT name: "
-            + "; ".join(f"`{n}` <- {sorted(ps)}" for n, ps in sorted(twice.items()))
-            + "."
-        )
+        raise ValueError(_twice(twice))
     return named, owners
