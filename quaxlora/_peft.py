@@ -121,6 +121,43 @@ def _rank(config: dict, name: str) -> int:
     return int(config.get("r", 8))
 
 
+def _named(patterns: str | list[str], name: str) -> bool:
+    """PEFT's `target_modules` / `exclude_modules` rule: a string is a regular
+    expression for the whole name; a list holds names or name suffixes."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return name in patterns or any(name.endswith(f".{p}") for p in patterns)
+
+
+def _selected(config: dict, name: str) -> bool:
+    """Whether PEFT's `target_modules`, `layers_to_transform`, `layers_pattern`,
+    `exclude_modules` and `modules_to_save` select the module `name` for LoRA (as
+    PEFT's `check_target_module_exists`); `True` where that depends on the model
+    (`"all-linear"`, or no `target_modules`)."""
+    targets = config.get("target_modules")
+    if not targets or targets == "all-linear":
+        return True
+    if config.get("exclude_modules") and _named(config["exclude_modules"], name):
+        return False
+    for m in config.get("modules_to_save") or []:
+        if re.match(rf"(^|.*\.){m}($|\..*)", name):
+            return False
+    if not _named(targets, name):
+        return False
+    layers = config.get("layers_to_transform")
+    if isinstance(targets, str) or layers is None or layers == []:
+        return True
+    patterns = config.get("layers_pattern") or []
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    # The layer index is the first numbered segment (after a `layers_pattern`).
+    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns]
+    for regex in regexes or [r".*?\.[^.]*\.(?P<idx>\d+)\."]:
+        if (match := re.match(regex, name)) is not None:
+            layers = [layers] if isinstance(layers, int) else layers
+            return int(match["idx"]) in layers
+    return False
+
+
 def _alpha(config: dict, name: str) -> float:
     """PEFT's per-module alpha: the first `alpha_pattern` key matching `name`."""
     for key, alpha in (config.get("alpha_pattern") or {}).items():
@@ -247,7 +284,9 @@ def load_peft(directory: str | os.PathLike, model: PyTree, mapping: NameMap) -> 
     loading a state dict. Config fields that change what the tensors mean and that
     quaxlora does not implement (DoRA, `fan_in_fan_out`, `lora_bias`, an
     initialisation that changes the base weights such as PiSSA, ...) are an error
-    naming the field.
+    naming the field, and so are factors that disagree with the config (a rank
+    other than `r`/`rank_pattern` give, a module that `target_modules`,
+    `layers_to_transform`, `exclude_modules` or `modules_to_save` do not select).
 
     **Arguments:**
 
@@ -306,6 +345,12 @@ def load_peft(directory: str | os.PathLike, model: PyTree, mapping: NameMap) -> 
             raise ValueError(
                 f"PEFT module `{name}`: no Linear, Conv or Embedding at "
                 f"`{names[name]}`, or an incomplete pair of factors."
+            )
+        if not _selected(config, name):
+            raise ValueError(
+                f"PEFT module `{name}` has LoRA factors, but the config's "
+                "`target_modules`, `layers_to_transform`, `exclude_modules` or "
+                "`modules_to_save` do not select it: PEFT would not adapt it."
             )
         if "r" in config and f["A"].shape[0] != _rank(config, name):
             raise ValueError(

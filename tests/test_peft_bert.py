@@ -5,6 +5,7 @@ and `save_peft` writes it back under the names PEFT wrote."""
 
 import json
 import pathlib
+import shutil
 import sys
 
 import equinox as eqx
@@ -14,7 +15,7 @@ import pytest
 import quax
 
 import quaxlora as ql
-from quaxlora._io import read_safetensors
+from quaxlora._io import read_safetensors, write_safetensors
 from quaxlora._peft import _alpha, _rank
 
 
@@ -128,3 +129,41 @@ def test_left_over_modules_listed(pretrained):
         match=r"no PEFT module name to .*'layers.0.attention.query_proj'",
     ):
         ql.save_peft("unused", ql.load_peft(ADAPTER, pretrained[0], PAIRS), PAIRS[1:])
+
+
+def test_layers_to_transform(pretrained, tmp_path):
+    """PEFT's `layers_to_transform` selects layers by the index after
+    `layers_pattern`; factors of another layer are an error naming it."""
+    tensors = {k: v for k, v in _tensors(ADAPTER).items() if "word_embeddings" not in k}
+    config = json.loads((ADAPTER / "adapter_config.json").read_text())
+
+    def write(directory, **fields):
+        directory.mkdir()
+        write_safetensors(directory / "adapter_model.safetensors", tensors, {})
+        text = json.dumps({**config, **fields})
+        (directory / "adapter_config.json").write_text(text)
+        return directory
+
+    model = pretrained[0]
+    for pattern in ["layer", None]:
+        ok = write(
+            tmp_path / f"ok{pattern}",
+            layers_to_transform=list(range(6)),
+            layers_pattern=pattern,
+        )
+        lora = ql.load_peft(ok, model, minilm.peft_name)
+        assert isinstance(lora.layers[5].intermediate.weight, ql.LoraArray)
+        bad = write(
+            tmp_path / f"bad{pattern}",
+            layers_to_transform=[0, 1, 3, 4, 5],
+            layers_pattern=pattern,
+        )
+        with pytest.raises(ValueError, match="`encoder.layer.2.* has LoRA factors"):
+            ql.load_peft(bad, model, minilm.peft_name)
+    # Without a layer index, the word embeddings are not selected at all.
+    bad = tmp_path / "emb"
+    shutil.copytree(ADAPTER, bad)
+    text = json.dumps({**config, "layers_to_transform": list(range(6))})
+    (bad / "adapter_config.json").write_text(text)
+    with pytest.raises(ValueError, match="`embeddings.word_embeddings` has LoRA"):
+        ql.load_peft(bad, model, minilm.peft_name)

@@ -215,6 +215,25 @@ def test_config_errors(base, tmp_path):
         ql.load_peft(bad, base, MAPPING)
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(target_modules=["conv", "fc1", "fc2"]),
+        dict(target_modules="fc.|conv"),
+        dict(exclude_modules=["emb"]),
+        dict(exclude_modules="em."),
+        dict(modules_to_save=["head", "emb"]),
+    ],
+)
+def test_unselected_module(base, tmp_path, fields):
+    """Factors of a module the config does not select: PEFT would ignore them."""
+    bad = _edited(tmp_path, **fields)
+    with pytest.raises(
+        ValueError, match="PEFT module `emb` has LoRA factors, but the config's"
+    ):
+        ql.load_peft(bad, base, MAPPING)
+
+
 def test_base_layer_without_factors(base, tmp_path):
     """`fc2.base_layer.bias` in a file without `fc2`'s factors cannot be PEFT's."""
     src = os.path.join(HERE, "peft_bias_lora_only")
