@@ -17,6 +17,7 @@ from ._adapters import model_leaves, replace_leaves
 from ._io import read_safetensors, write_safetensors
 from ._lora_array import _is_value, LoraArray
 from ._paths import path_str
+from ._peft_config import check_variants, rank, selected
 from ._peft_names import NameMap, paths_to_peft, peft_to_paths
 from ._train import Trainable
 
@@ -61,101 +62,7 @@ def _check_config(config: Any, directory: str) -> None:
             )
     if not isinstance(config.get("lora_alpha"), (int, float)):
         raise ValueError(f"`directory` {directory!r}: `lora_alpha` is missing.")
-    _check_variants(config, directory)
-
-
-# LoRA variants and options that change what the file's tensors mean; each must be
-# off. (`lora_dropout`, `velora_config`, `runtime_config`, the `*_config`s of the
-# initialisations below and the module selection (`target_modules`,
-# `layers_to_transform`, ...) do not change the maths of a saved adapter: the file
-# holds the tensors of exactly the selected modules.)
-_VARIANTS = {
-    "megatron_config": None,
-    "trainable_token_indices": None,
-    "alora_invocation_tokens": None,
-    "use_qalora": False,
-    "monteclora_config": None,
-    "use_bdlora": None,
-    "arrow_config": None,
-    "kasa_config": None,
-}
-# Initialisations that change the base model's weights (PEFT's residual
-# initialisations): the adapter is only right on that changed base.
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-_SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
-BIAS_MODES = ("none", "all", "lora_only")
-
-
-def _check_variants(config: dict, directory: str) -> None:
-    for field, off in _VARIANTS.items():
-        if config.get(field, off) not in (off, [], {}):
-            raise ValueError(
-                f"`directory` {directory!r}: PEFT's `{field}={config[field]!r}` is "
-                "not supported by quaxlora."
-            )
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
-        raise ValueError(
-            f"`directory` {directory!r}: PEFT's `init_lora_weights={init!r}` changes "
-            "the base model's weights, so this adapter is only right on that changed "
-            "base. Convert it to a plain LoRA adapter with PEFT first "
-            "(`save_pretrained(..., path_initial_model_for_weight_conversion=...)`)."
-        )
-    if init not in _SAFE_INITS:
-        raise ValueError(
-            f"`directory` {directory!r}: PEFT's `init_lora_weights={init!r}` is not "
-            "supported by quaxlora."
-        )
-    if config.get("bias", "none") not in BIAS_MODES:
-        raise ValueError(
-            f"`directory` {directory!r}: PEFT's `bias={config['bias']!r}` must be "
-            "'none', 'all' or 'lora_only'."
-        )
-
-
-def _rank(config: dict, name: str) -> int:
-    """PEFT's per-module rank: the first `rank_pattern` key matching `name`."""
-    for key, rank in (config.get("rank_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return int(rank)
-    return int(config.get("r", 8))
-
-
-def _named(patterns: str | list[str], name: str) -> bool:
-    """PEFT's `target_modules` / `exclude_modules` rule: a string is a regular
-    expression for the whole name; a list holds names or name suffixes."""
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return name in patterns or any(name.endswith(f".{p}") for p in patterns)
-
-
-def _selected(config: dict, name: str) -> bool:
-    """Whether PEFT's `target_modules`, `layers_to_transform`, `layers_pattern`,
-    `exclude_modules` and `modules_to_save` select the module `name` for LoRA (as
-    PEFT's `check_target_module_exists`); `True` where that depends on the model
-    (`"all-linear"`, or no `target_modules`)."""
-    targets = config.get("target_modules")
-    if not targets or targets == "all-linear":
-        return True
-    if config.get("exclude_modules") and _named(config["exclude_modules"], name):
-        return False
-    for m in config.get("modules_to_save") or []:
-        if re.match(rf"(^|.*\.){m}($|\..*)", name):
-            return False
-    if not _named(targets, name):
-        return False
-    layers = config.get("layers_to_transform")
-    if isinstance(targets, str) or layers is None or layers == []:
-        return True
-    patterns = config.get("layers_pattern") or []
-    patterns = [patterns] if isinstance(patterns, str) else patterns
-    # The layer index is the first numbered segment (after a `layers_pattern`).
-    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns]
-    for regex in regexes or [r".*?\.[^.]*\.(?P<idx>\d+)\."]:
-        if (match := re.match(regex, name)) is not None:
-            layers = [layers] if isinstance(layers, int) else layers
-            return int(match["idx"]) in layers
-    return False
+    check_variants(config, directory)
 
 
 def _alpha(config: dict, name: str) -> float:
@@ -346,16 +253,16 @@ def load_peft(directory: str | os.PathLike, model: PyTree, mapping: NameMap) -> 
                 f"PEFT module `{name}`: no Linear, Conv or Embedding at "
                 f"`{names[name]}`, or an incomplete pair of factors."
             )
-        if not _selected(config, name):
+        if not selected(config, name):
             raise ValueError(
                 f"PEFT module `{name}` has LoRA factors, but the config's "
                 "`target_modules`, `layers_to_transform`, `exclude_modules` or "
                 "`modules_to_save` do not select it: PEFT would not adapt it."
             )
-        if "r" in config and f["A"].shape[0] != _rank(config, name):
+        if "r" in config and f["A"].shape[0] != rank(config, name):
             raise ValueError(
                 f"PEFT module `{name}`: its factors have rank {f['A'].shape[0]}, but "
-                f"the config's `r`/`rank_pattern` give {_rank(config, name)}."
+                f"the config's `r`/`rank_pattern` give {rank(config, name)}."
             )
         weight = module.weight
         weight = weight.weight if isinstance(weight, LoraArray) else weight

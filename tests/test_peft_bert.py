@@ -16,7 +16,8 @@ import quax
 
 import quaxlora as ql
 from quaxlora._io import read_safetensors, write_safetensors
-from quaxlora._peft import _alpha, _rank
+from quaxlora._peft import _alpha
+from quaxlora._peft_config import rank
 
 
 BERT_DIR = pathlib.Path(__file__).parents[1] / "examples" / "bert"
@@ -109,7 +110,7 @@ def test_save_peft_writes_peft_names(loaded, reference, tmp_path):
     assert len(targets) == 6 * 3 + 1
     for name in targets:
         name = name.removeprefix("base_model.model.")
-        assert _rank(config, name) == _rank(peft, name)
+        assert rank(config, name) == rank(peft, name)
         assert _alpha(config, name) == _alpha(peft, name)
     assert reference["quaxlora_saved_keys_equal_peft"]
     assert reference["max_abs_diff_peft_with_quaxlora_saved"] < 1e-6
