@@ -180,6 +180,14 @@ def hf_name(path: str) -> str:
     return path
 
 
+def peft_name(path: str) -> str:
+    """The Hugging Face module name of the module of `Bert` at dotted `path`, e.g.
+    `layers.0.attention.query_proj` -> `encoder.layer.0.attention.self.query`: the
+    names PEFT gives modules of `BertModel`. Pass it to `quaxlora.load_peft` and
+    `quaxlora.save_peft` as their `mapping`."""
+    return hf_name(path + ".")[:-1]
+
+
 def _path_str(path) -> str:
     parts = []
     for p in path:
