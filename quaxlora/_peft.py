@@ -15,7 +15,7 @@ from jaxtyping import PyTree
 
 from ._adapters import model_leaves, replace_leaves
 from ._io import read_safetensors, write_safetensors
-from ._lora_array import _is_value, LoraArray
+from ._lora_array import is_value, LoraArray
 from ._paths import path_str
 from ._peft_config import check_variants, rank, selected
 from ._peft_names import NameMap, paths_to_peft, peft_to_paths
@@ -342,7 +342,7 @@ def save_peft(
     frozen = {
         p.rpartition(".")[0]
         for p, x in leaves.items()
-        if not isinstance(x, Trainable) and (_is_value(x) or eqx.is_inexact_array(x))
+        if not isinstance(x, Trainable) and (is_value(x) or eqx.is_inexact_array(x))
     }
     tensors: dict[str, np.ndarray] = {}
     targets: dict[str, LoraArray] = {}

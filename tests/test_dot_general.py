@@ -79,7 +79,9 @@ def _check(lora, x, dn, lora_is_lhs, dtype=None, preferred=None, grads=True):
             batch_ndim=lora.batch_ndim,
         )
         y = quax.quaxify(f)(l, x)
-        return jnp.sum((y * ct).astype(jnp.float32))
+        # Non-linear in y, so the gradients depend on the differentiated forward's
+        # value (a linear loss would never look at it).
+        return jnp.sum((jnp.sin(y) * ct).astype(jnp.float32))
 
     def loss_ref(w, a, b, x):
         l = ql.LoraArray(
@@ -90,12 +92,12 @@ def _check(lora, x, dn, lora_is_lhs, dtype=None, preferred=None, grads=True):
             stop_gradient=False,
             batch_ndim=lora.batch_ndim,
         )
-        return jnp.sum((f(_dense(l), x) * ct).astype(jnp.float32))
+        return jnp.sum((jnp.sin(f(_dense(l), x)) * ct).astype(jnp.float32))
 
     args = (lora.weight, lora.a, lora.b, x)
     # Jitted: one compilation per case rather than one per eager primitive.
-    g = jax.jit(jax.grad(loss_lora, argnums=(0, 1, 2, 3)))(*args)
-    g_ref = jax.jit(jax.grad(loss_ref, argnums=(0, 1, 2, 3)))(*args)
+    g = jax.jit(jax.value_and_grad(loss_lora, argnums=(0, 1, 2, 3)))(*args)
+    g_ref = jax.jit(jax.value_and_grad(loss_ref, argnums=(0, 1, 2, 3)))(*args)
     gtol = dict(tol, atol=tol["atol"] * 10)
     assert_tree_allclose(g, g_ref, **gtol)
 
