@@ -384,3 +384,29 @@ def test_quax_valued_base(getkey, tmp_path):
     loaded = ql.load_adapters(path, base)
     assert loaded.weight.weight is base.weight  # the quantised base, kept as it is
     _assert_same(loaded, model)
+
+
+def test_non_strict_drops_adapters_the_file_lacks(getkey, tmp_path):
+    # strict=False: a layer the file has no adapter for goes back to its base weight
+    # (not the model's own, untrained-in-this-file adapter).
+    base = _mlp(getkey())
+    path = _saved(tmp_path, _lora(base, getkey(), where="layers.1"))
+    model = _lora(base, getkey())  # adapters on every layer, trained
+    loaded, mismatched = ql.load_adapters(path, model, strict=False)
+    assert set(mismatched) == {"layers.0.weight", "layers.2.weight"}
+    assert not isinstance(loaded.layers[0].weight, ql.LoraArray)
+    assert loaded.layers[0].weight is model.layers[0].weight.weight
+    assert isinstance(loaded.layers[1].weight, ql.LoraArray)
+
+
+def test_trained_array_dtype_must_match(getkey, tmp_path):
+    # A bf16 model must not get f32 trained arrays back from an f32 file.
+    path = _saved(tmp_path, _lora(_mlp(getkey()), getkey(), bias="all"))
+    bf16 = ql.loraify(
+        _mlp(getkey(), dtype=jnp.bfloat16), rank=2, key=getkey(), bias="all"
+    )
+    loaded, mismatched = ql.load_adapters(path, bf16, strict=False)
+    assert "layers.0.bias" in mismatched
+    assert "float32" in mismatched["layers.0.bias"]
+    for layer in loaded.layers:
+        assert layer.bias.array.dtype == jnp.bfloat16

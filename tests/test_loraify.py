@@ -99,6 +99,28 @@ def test_exclude(custom, getkey):
     assert not isinstance(lora.heads["cls"].weight, ql.LoraArray)
 
 
+def test_exclude_by_type_and_predicate(custom, getkey):
+    # `exclude` takes every form `where` takes, not only strings.
+    everything = (eqx.nn.Linear,)
+    n = len(_loras(ql.loraify(custom, rank=2, where=everything, key=getkey())))
+    attn_only = ql.loraify(
+        custom,
+        rank=2,
+        where=everything,
+        exclude=lambda path, module: path.startswith("attn"),
+        key=getkey(),
+    )
+    assert len(_loras(attn_only)) == n - 4
+    assert not isinstance(attn_only.attn.query_proj.weight, ql.LoraArray)
+    assert isinstance(attn_only.layers[0].weight, ql.LoraArray)
+    mlp = eqx.nn.MLP(3, 3, 4, 1, key=getkey())
+    mixed = {"mlp": mlp, "conv": eqx.nn.Conv1d(2, 2, 3, key=getkey())}
+    where = (eqx.nn.Linear, eqx.nn.Conv)
+    no_conv = ql.loraify(mixed, rank=1, where=where, exclude=eqx.nn.Conv, key=getkey())
+    assert not isinstance(no_conv["conv"].weight, ql.LoraArray)
+    assert isinstance(no_conv["mlp"].layers[0].weight, ql.LoraArray)
+
+
 def test_per_target_rank_alpha(custom, getkey):
     lora = ql.loraify(
         custom,

@@ -152,3 +152,15 @@ def test_errors(base, tmp_path):
         ql.save_peft(
             tmp_path / "x", model, {k: v for k, v in MAPPING.items() if k != "head"}
         )
+
+
+def test_rslora_roundtrip_keeps_scaling(base, io, tmp_path):
+    # An rsLoRA model must be saved with `use_rslora: true`, or PEFT (and
+    # `load_peft`) would reload it with the plain `alpha / r` scaling.
+    rs = ql.load_peft(os.path.join(HERE, "peft_rslora"), base, MAPPING)
+    ql.save_peft(tmp_path, rs, MAPPING)
+    with open(tmp_path / "adapter_config.json") as f:
+        assert json.load(f)["use_rslora"] is True
+    loaded = ql.load_peft(tmp_path, base, MAPPING)
+    assert loaded.fc1.weight.scaling == rs.fc1.weight.scaling == 3 / 2
+    np.testing.assert_allclose(_run(loaded, io), _run(rs, io), atol=1e-6)

@@ -73,3 +73,17 @@ def test_lora_over_int8_base(getkey):
     assert_tree_allclose(
         g, jax.grad(loss_ref, argnums=(0, 1))(lora.a, lora.b), rtol=1e-4, atol=1e-4
     )
+
+
+def test_merge_dequantises_a_quax_valued_base(getkey):
+    # `merge` must add the update to the dequantised base, never to the raw codes.
+    calls = []
+    lin = eqx.nn.Linear(5, 6, key=getkey())
+    qw = Int8Array.quantise(lin.weight, calls)
+    lora = nonzero_lora(ql.LoraArray(qw, rank=2, key=getkey()), getkey())
+    merged = ql.merge(eqx.tree_at(lambda l: l.weight, lin, lora))
+    assert isinstance(merged.weight, jax.Array)
+    assert merged.weight.dtype == lin.weight.dtype
+    np.testing.assert_allclose(
+        merged.weight, qw.materialise() + lora.delta(), rtol=1e-6, atol=1e-6
+    )
