@@ -1,5 +1,7 @@
 """Many adapters, one batch: `stack_adapters`, `select_adapter`, `unstack_adapters`."""
 
+import json
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -326,3 +328,35 @@ def test_unstack_refuses_to_cut_a_grown_adapter(getkey):
     grown = eqx.tree_at(lambda m: m.head.weight.b, stacked, b)
     with pytest.raises(ValueError, match="`head.weight`: adapter 0 has rank 2 but"):
         ql.unstack_adapters(grown)
+
+
+def test_save_and_load_stacked(getkey, tmp_path):
+    from quaxlora._io import digest, read_safetensors, write_safetensors
+
+    base = _net(getkey())
+    models = _models(base, getkey())
+    stacked = ql.stack_adapters(models)
+    path = tmp_path / "stacked.safetensors"
+    ql.save_adapters(path, stacked)
+    tensors, meta = read_safetensors(path)
+    assert meta["format_version"] == "2"
+    assert tensors["emb.weight.a"].shape == (3, 4, 4)  # one file, adapter axis
+    assert eqx.tree_equal(ql.load_adapters(path, base), stacked)
+    assert eqx.tree_equal(ql.load_adapters(path, stacked), stacked)
+    assert eqx.tree_equal(ql.unstack_adapters(ql.load_adapters(path, base)), models)
+    with pytest.raises(ValueError, match="the file a stack of adapters"):
+        ql.load_adapters(path, models[0])
+    one = tmp_path / "one.safetensors"
+    ql.save_adapters(one, models[0])
+    with pytest.raises(ValueError, match="stacked adapters here, the file one"):
+        ql.load_adapters(one, stacked)
+    two = ql.stack_adapters(models[:2])
+    with pytest.raises(ValueError, match="stacked factor shapes"):
+        ql.load_adapters(path, two)
+    # a malformed stack entry is caught with the rest of the metadata
+    targets = json.loads(meta["targets"])
+    targets["head.weight"]["stacked"]["ranks"] = [2, 4]
+    meta = {**meta, "targets": json.dumps(targets)}
+    write_safetensors(path, tensors, {**meta, "sha256": digest(tensors, meta)})
+    with pytest.raises(ValueError, match="has malformed metadata"):
+        ql.load_adapters(path, base)
