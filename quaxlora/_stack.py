@@ -273,22 +273,24 @@ def _check_index(index: Any, count: int) -> Any:
 
 
 def _select(x: StackedLoraArray, index: Any) -> Any:
-    if isinstance(index, int):
-        if index == -1:
-            return x.weight
-        a, b, scale = x.a[index], x.b[index], x.scalings[index]
-    else:
-        # -1 (the base) reads adapter 0 with a zero scale; under `vmap` the index
-        # is per example and this is a gather of each example's small factors.
-        i = jnp.maximum(index, 0)
-        a, b = x.a[i], x.b[i]
-        scale = jnp.where(index >= 0, jnp.asarray(x.scalings)[i], 0)
-        scale = scale.astype(a.dtype)
-    # Fold the scale into the smaller factor, so the selected array has scale 1.
-    if a.size <= b.size:
+    # Each adapter's scale is folded into its smaller factor, so the selected array
+    # has scale 1; the base (-1) is an extra all-zero adapter at the end. Both are
+    # done to the stack, once, so that under `vmap` the only per-example work is a
+    # gather of each example's small factors.
+    a, b = x.a, x.b
+    scale = jnp.asarray(x.scalings, a.dtype).reshape(-1, *[1] * (a.ndim - 1))
+    if a[0].size <= b[0].size:
         a = a * scale
     else:
         b = b * scale
+    if isinstance(index, int):
+        if index == -1:
+            return x.weight
+        a, b = a[index], b[index]
+    else:
+        pad = lambda f: jnp.pad(f, [(0, 1)] + [(0, 0)] * (f.ndim - 1))
+        i = jnp.where(index >= 0, index, x.num_adapters)
+        a, b = jnp.take(pad(a), i, axis=0), jnp.take(pad(b), i, axis=0)
     rank = a.shape[x.batch_ndim]
     return LoraArray(
         x.weight,
