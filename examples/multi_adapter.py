@@ -79,8 +79,8 @@ def train(stacked, xs, ys, ids, *, steps, batch_size, lr, key):
         return eqx.apply_updates(trainable, updates), state, loss
 
     losses = []
-    for key in jr.split(key, steps):
-        idx = np.asarray(jr.choice(key, len(xs), (batch_size,), replace=False))
+    for k in jr.split(key, steps):
+        idx = np.asarray(jr.choice(k, len(xs), (batch_size,), replace=False))
         trainable, state, loss = step(trainable, state, xs[idx], ys[idx], ids[idx])
         losses.append(float(loss))
     return eqx.combine(trainable, frozen), losses
