@@ -49,8 +49,8 @@ def is_trainable(model: PyTree) -> PyTree[bool]:
     A per-leaf predicate cannot tell a LoRA factor from the frozen weight beside it
     (both are plain arrays), so this takes the whole model and returns a pytree of
     bools of the same structure, for `eqx.partition` / `eqx.filter`: `True` on the
-    `a` and `b` of every `LoraArray` and on every `Trainable` array
-    (`modules_to_save`, trained biases); `False` everywhere else.
+    `a` and `b` of every `LoraArray` (and `StackedLoraArray`) and on every
+    `Trainable` array (`modules_to_save`, trained biases); `False` everywhere else.
 
     **Arguments:**
 
