@@ -278,11 +278,12 @@ def _select(x: StackedLoraArray, index: Any) -> Any:
     # done to the stack, once, so that under `vmap` the only per-example work is a
     # gather of each example's small factors.
     a, b = x.a, x.b
-    scale = jnp.asarray(x.scalings, a.dtype).reshape(-1, *[1] * (a.ndim - 1))
+    scales = jnp.asarray(x.scalings)
+    scale = lambda f: f * scales.astype(f.dtype).reshape(-1, *[1] * (f.ndim - 1))
     if a[0].size <= b[0].size:
-        a = a * scale
+        a = scale(a)
     else:
-        b = b * scale
+        b = scale(b)
     if isinstance(index, int):
         if index == -1:
             return x.weight
