@@ -228,6 +228,11 @@ def test_hot_swap_does_not_recompile(getkey):
     y = single(ql.with_adapters(base, ql.adapters(new)), xs[0])
     assert traces == 1
     np.testing.assert_allclose(y, ql.merge(new)(xs[0]), rtol=1e-10)
+    # a different alpha is static metadata: one new compilation
+    traces = 0
+    other = ql.loraify(base, rank=2, alpha=5.0, key=getkey())
+    step(ql.stack_adapters([models[0], other]), xs, ids)
+    assert traces == 1
 
 
 def test_no_weight_sized_copy_per_example(getkey):
@@ -360,3 +365,19 @@ def test_save_and_load_stacked(getkey, tmp_path):
     write_safetensors(path, tensors, {**meta, "sha256": digest(tensors, meta)})
     with pytest.raises(ValueError, match="has malformed metadata"):
         ql.load_adapters(path, base)
+
+
+def test_low_precision_strict_promotion(getkey, strict_promotion):
+    del strict_promotion
+    base = eqx.nn.MLP(4, 3, 8, 2, key=getkey(), dtype=jnp.bfloat16)
+    loras = [ql.loraify(base, rank=r, key=getkey()) for r in (2, 3)]
+    models = [_trained(m, getkey()) for m in loras]
+    xs = jr.normal(getkey(), (4, 4), jnp.bfloat16)
+    ids = jnp.array([1, 0, -1, 1])
+    ys = _mixed(ql.stack_adapters(models), xs, ids)
+    assert ys.dtype == jnp.bfloat16
+    for x, i, y in zip(xs, ids.tolist(), ys):
+        ref = base(x) if i == -1 else ql.merge(models[i])(x)
+        np.testing.assert_allclose(
+            y.astype(jnp.float32), ref.astype(jnp.float32), rtol=5e-2, atol=5e-2
+        )
