@@ -174,7 +174,7 @@ def stack_adapters(models: Sequence[PyTree]) -> PyTree:
     return replace_leaves(models[0], new)
 
 
-def stacked_leaves(model: PyTree) -> dict[str, StackedLoraArray]:
+def _stacked_leaves(model: PyTree) -> dict[str, StackedLoraArray]:
     """`{path: StackedLoraArray}` of `model`, checked to hold one number of adapters."""
     found = {
         p: x for p, x in model_leaves(model).items() if isinstance(x, StackedLoraArray)
@@ -246,7 +246,7 @@ def unstack_adapters(model: PyTree) -> list[PyTree]:
     whose zero padding is not zero (its factors were replaced by ones of a larger
     rank) raises a `ValueError` rather than being cut.
     """
-    stacked = stacked_leaves(model)
+    stacked = _stacked_leaves(model)
     (count,) = {x.num_adapters for x in stacked.values()}
     return [
         replace_leaves(model, {p: _unstack(p, x, i) for p, x in stacked.items()})
@@ -341,7 +341,7 @@ def select_adapter(model: PyTree, index: int | ArrayLike) -> PyTree:
         ys = jax.vmap(run)(xs, ids)
         ```
     """
-    stacked = stacked_leaves(model)
+    stacked = _stacked_leaves(model)
     (count,) = {x.num_adapters for x in stacked.values()}
     index = _check_index(index, count)
     return replace_leaves(model, {p: _select(x, index) for p, x in stacked.items()})
