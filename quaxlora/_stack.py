@@ -317,7 +317,10 @@ def select_adapter(model: PyTree, index: int | ArrayLike) -> PyTree:
     `jax.vmap` with one index per example it runs a batch that mixes adapters:
     each example's factors are gathered (they are small) and the dispatch rules
     batch the factored products over the examples, while the frozen weights stay
-    unbatched — nothing of a weight's size is copied per example. Differentiating
+    unbatched — nothing of a weight's size is copied per example. That is the fast
+    path when each example holds many rows (a sequence); for single-row examples,
+    whose gathered factors outweigh their activations, running the batch grouped by
+    adapter is faster (see the "Many adapters, one batch" guide). Differentiating
     through it gives each adapter the gradient of its own examples only, and zero
     to an adapter with none in the batch.
 
