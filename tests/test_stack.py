@@ -235,11 +235,14 @@ def test_hot_swap_does_not_recompile(getkey):
     assert traces == 1
 
 
-def test_no_weight_sized_copy_per_example(getkey):
+# 8 rows per example: the differentiated forward is the two-product form; 256: the
+# fused `[x | s·t]·[w | f2]` form (`_factored.py`), with `f2` per example.
+@pytest.mark.parametrize("rows", [8, 256])
+def test_no_weight_sized_copy_per_example(getkey, rows):
     """The gathered factors are the only per-example arrays: a mixed batch needs
     at most the gathered factors more scratch memory than a single adapter, forward
     and backward, far less than one weight per example."""
-    width, batch, rows = 128, 16, 8
+    width, batch = 128, 16
     base = eqx.nn.MLP(width, width, width, 2, key=getkey())
     models = [ql.loraify(base, rank=4, key=getkey()) for _ in range(3)]
     stacked = ql.stack_adapters(models)
