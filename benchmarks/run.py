@@ -591,6 +591,11 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results", help="output folder")
     parser.add_argument("--no-peft", action="store_true", help="skip PyTorch/PEFT")
     parser.add_argument("--no-scan", action="store_true", help="skip 6 vs 24 blocks")
+    parser.add_argument(
+        "--multi-adapter",
+        action="store_true",
+        help="also 8 adapters in one batch (benchmarks/multi_adapter.py)",
+    )
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else Config()
     key = jr.key(0)
@@ -599,8 +604,16 @@ def main(argv=None):
     results["mlp"] = run_model("MLP", mlp_task(cfg, key), cfg, key)
     results["gpt"] = run_model("GPT", gpt_task(cfg, key), cfg, key)
     results["scan"] = {} if args.no_scan else run_scan(cfg, key)
+    if args.multi_adapter:
+        from benchmarks import multi_adapter
+
+        results["multi_adapter"] = multi_adapter.run(cfg, key)
     results["peft"] = None if args.no_peft else run_peft(cfg)
     table = fmt_table(results, cfg)
+    if "multi_adapter" in results:
+        from benchmarks import multi_adapter
+
+        table += "\n\n" + multi_adapter.fmt(results["multi_adapter"])
     print("\n" + table)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

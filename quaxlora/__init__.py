@@ -16,6 +16,12 @@ from ._loraify import loraify as loraify
 from ._merge import merge as merge, unloraify as unloraify
 from ._peft import load_peft as load_peft, save_peft as save_peft
 from ._rules._conv import conv_plan as conv_plan, ConvPlan as ConvPlan
+from ._stack import (
+    select_adapter as select_adapter,
+    stack_adapters as stack_adapters,
+    unstack_adapters as unstack_adapters,
+)
+from ._stacked import StackedLoraArray as StackedLoraArray
 from ._train import (
     count_parameters as count_parameters,
     is_trainable as is_trainable,

@@ -15,11 +15,15 @@ from jaxtyping import PyTree
 
 from ._adapters import adapted_leaves, model_leaves, replace_leaves
 from ._lora_array import LoraArray
+from ._stacked import StackedLoraArray
 from ._train import Trainable
 
 
 FORMAT = "quaxlora.adapters"
-FORMAT_VERSION = 1
+# The newest format version this quaxlora reads. A file is written with the oldest
+# version that can hold it: 1, unless it has stacked adapters (2), so files without
+# stacks stay readable by older quaxlora.
+FORMAT_VERSION = 2
 
 _DTYPES = {
     "F64": np.dtype(np.float64),
@@ -187,6 +191,12 @@ def save_adapters(path: str | os.PathLike, model: PyTree) -> None:
     plus the list of targets, the library version and the file format version.
     Frozen weights are not written, so the file is a small fraction of the model.
 
+    A model of stacked adapters (`quaxlora.stack_adapters`) is saved in one file:
+    each stack's factors with their leading adapter axis (zero padding included),
+    and each adapter's own rank, alpha and scaling mode in the metadata. Such a file
+    has format version 2; a file without stacks keeps version 1, readable by older
+    quaxlora.
+
     The write is atomic: the file is written under a temporary name in the same
     folder and renamed over `path` at the end, so an error or a crash midway leaves
     any previous file at `path` intact.
@@ -207,7 +217,11 @@ def save_adapters(path: str | os.PathLike, model: PyTree) -> None:
     targets: dict[str, dict[str, Any]] = {}
     trainable: dict[str, dict[str, Any]] = {}
     for p, leaf in adapted_leaves(model).items():
-        if isinstance(leaf, LoraArray):
+        if isinstance(leaf, StackedLoraArray):
+            tensors[p + ".a"] = np.asarray(leaf.a)
+            tensors[p + ".b"] = np.asarray(leaf.b)
+            targets[p] = _stacked_metadata(leaf)
+        elif isinstance(leaf, LoraArray):
             tensors[p + ".a"] = np.asarray(leaf.a)
             tensors[p + ".b"] = np.asarray(leaf.b)
             targets[p] = dict(
@@ -226,13 +240,54 @@ def save_adapters(path: str | os.PathLike, model: PyTree) -> None:
         raise ValueError("`model` has no adapters (no `LoraArray` or `Trainable`).")
     metadata = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(2 if _has_stacks(targets) else 1),
         "quaxlora_version": __version__,
         "targets": json.dumps(targets),
         "trainable": json.dumps(trainable),
     }
     metadata["sha256"] = digest(tensors, metadata)
     write_safetensors(path, tensors, metadata)
+
+
+def _stacked_metadata(leaf: StackedLoraArray) -> dict[str, Any]:
+    """A stack's metadata: `rank` is the padded rank, `stacked` each adapter's own."""
+    return dict(
+        rank=leaf.a.shape[leaf.batch_ndim + 1],
+        alpha=float(leaf.a.shape[leaf.batch_ndim + 1]),
+        rslora=False,
+        batch_ndim=leaf.batch_ndim,
+        dtype=_dtype_name(leaf.a),
+        weight_shape=None if leaf.weight is None else list(leaf.shape),
+        weight_dtype=None if leaf.weight is None else _dtype_name(leaf),
+        stacked=dict(
+            ranks=list(leaf.ranks), alphas=list(leaf.alphas), rslora=list(leaf.rslora)
+        ),
+    )
+
+
+def _has_stacks(targets: dict[str, dict[str, Any]]) -> bool:
+    return any("stacked" in t for t in targets.values())
+
+
+def _stacked_ok(t: dict[str, Any]) -> bool:
+    """Whether a target's optional `stacked` entry is well formed."""
+    s = t.get("stacked")
+    if s is None:
+        return True
+    ranks, alphas, rslora = s["ranks"], s["alphas"], s["rslora"]
+    return (
+        isinstance(ranks, list)
+        and isinstance(alphas, list)
+        and isinstance(rslora, list)
+        and len(ranks) == len(alphas) == len(rslora) >= 1
+        and all(_posint(r) for r in ranks)
+        and max(ranks) == t["rank"]
+        and all(
+            isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)
+            for a in alphas
+        )
+        and all(isinstance(r, bool) for r in rslora)
+    )
 
 
 def digest(tensors: dict[str, Any], metadata: dict[str, str]) -> str:
@@ -290,6 +345,7 @@ def _parse(path: str) -> tuple[dict, dict, dict]:
                 and isinstance(t.get("dtype"), str)
                 and _shape_or_none(t.get("weight_shape"))
                 and isinstance(t.get("weight_dtype"), (str, type(None)))
+                and _stacked_ok(t)
             ):
                 raise ValueError(p)
         for p, t in trainable.items():
@@ -317,6 +373,10 @@ def _shape_or_none(x: Any) -> bool:
 
 def _lora_from_file(p, t, a, b, old) -> Any:
     """The new leaf for target `p`, or a string saying why it does not fit."""
+    if "stacked" in t:
+        return _stacked_from_file(p, t, a, b, old)
+    if isinstance(old, StackedLoraArray):
+        return "the model has stacked adapters here, the file one adapter"
     n, r = t["batch_ndim"], t["rank"]
     base = old.weight if isinstance(old, LoraArray) else old
     if base is None or not hasattr(base, "shape"):
@@ -362,6 +422,40 @@ def _lora_from_file(p, t, a, b, old) -> Any:
         return str(e)
 
 
+def _stacked_from_file(p, t, a, b, old) -> Any:
+    """The `StackedLoraArray` for a stacked file entry, or why it does not fit."""
+    s = t["stacked"]
+    if isinstance(old, LoraArray):
+        return "the model has one adapter here, the file a stack of adapters"
+    count = len(s["ranks"])
+    if a.ndim < 1 or b.ndim < 1 or a.shape[0] != count or b.shape[0] != count:
+        return f"the stacked factors do not hold {count} adapters"
+    stacked = isinstance(old, StackedLoraArray)
+    if stacked and (old.a.shape, old.b.shape) != (a.shape, b.shape):
+        return (
+            f"stacked factor shapes {a.shape}, {b.shape} != the model's "
+            f"{old.a.shape}, {old.b.shape}"
+        )
+    if stacked and old.a.dtype != a.dtype:
+        return f"factor dtype {a.dtype} != the model's {old.a.dtype}"
+    # Adapter 0 is checked as an unstacked entry would be (shapes, dtypes, base).
+    base = old.weight if stacked else old
+    plain = {k: v for k, v in t.items() if k != "stacked"}
+    one = _lora_from_file(p, plain, a[0], b[0], base)
+    if isinstance(one, str):
+        return one
+    return StackedLoraArray(
+        weight=base,
+        a=jnp.asarray(a),
+        b=jnp.asarray(b),
+        ranks=tuple(s["ranks"]),
+        alphas=tuple(float(x) for x in s["alphas"]),
+        rslora=tuple(s["rslora"]),
+        stop_gradient=old.stop_gradient if stacked else True,
+        allow_materialise=old.allow_materialise if stacked else False,
+    )
+
+
 def _trainable_from_file(x, old) -> Any:
     base = old.array if isinstance(old, Trainable) else old
     if isinstance(base, LoraArray):
@@ -403,6 +497,11 @@ def load_adapters(path, model, *, strict=True):
     trained on, the factors' shapes must fit, and where `model` already has an
     adapter there its rank and factor dtype must agree. An adapter or trained array
     of `model` that the file lacks is a mismatch too.
+
+    A file of stacked adapters loads as a stacked model (`quaxlora.StackedLoraArray`s,
+    onto the base model or onto a stacked model with the same number of adapters
+    and padded ranks); a stack where `model` has a single adapter, or the other way
+    round, is a mismatch.
 
     **Arguments:**
 
@@ -447,7 +546,7 @@ def load_adapters(path, model, *, strict=True):
     for p, leaf in leaves.items():
         if p in new or p in mismatched:
             continue
-        if isinstance(leaf, LoraArray):
+        if isinstance(leaf, (LoraArray, StackedLoraArray)):
             mismatched[p] = "the model has an adapter here that the file lacks"
             new[p] = leaf.weight
         elif isinstance(leaf, Trainable):  # kept: the base array is not stored

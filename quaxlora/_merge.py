@@ -4,6 +4,7 @@ import jax.tree_util as jtu
 from jaxtyping import PyTree
 
 from ._lora_array import LoraArray
+from ._stacked import StackedLoraArray
 from ._train import is_adapted, Trainable
 
 
@@ -25,6 +26,11 @@ def merge(model: PyTree) -> PyTree:
     """
 
     def _merge(x):
+        if isinstance(x, StackedLoraArray):
+            raise ValueError(
+                "`model` has stacked adapters (from `quaxlora.stack_adapters`); merge "
+                "one of them: `quaxlora.merge(quaxlora.select_adapter(model, i))`."
+            )
         if isinstance(x, LoraArray):
             return x.merged()
         if isinstance(x, Trainable):
@@ -51,7 +57,7 @@ def unloraify(model: PyTree) -> PyTree:
     """
 
     def _drop(x):
-        if isinstance(x, LoraArray):
+        if isinstance(x, (LoraArray, StackedLoraArray)):
             return x.weight
         if isinstance(x, Trainable):
             return x.array

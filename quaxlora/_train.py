@@ -12,6 +12,7 @@ from jaxtyping import Array, PyTree
 
 from ._lora_array import LoraArray
 from ._paths import path_str
+from ._stacked import StackedLoraArray
 
 
 class Trainable(quax.ArrayValue):
@@ -30,12 +31,13 @@ class Trainable(quax.ArrayValue):
 
 
 def is_adapted(x: Any) -> bool:
-    """Whether `x` is a `LoraArray` or a `Trainable` (a node `is_trainable` decides)."""
-    return isinstance(x, (LoraArray, Trainable))
+    """Whether `x` is a `LoraArray`, a `StackedLoraArray` or a `Trainable` (a node
+    `is_trainable` decides)."""
+    return isinstance(x, (LoraArray, StackedLoraArray, Trainable))
 
 
 def _spec(x: Any) -> Any:
-    if isinstance(x, LoraArray):
+    if isinstance(x, (LoraArray, StackedLoraArray)):
         spec = jtu.tree_map(lambda _: False, x)
         return eqx.tree_at(lambda l: (l.a, l.b), spec, (True, True))
     return isinstance(x, Trainable)
@@ -47,8 +49,8 @@ def is_trainable(model: PyTree) -> PyTree[bool]:
     A per-leaf predicate cannot tell a LoRA factor from the frozen weight beside it
     (both are plain arrays), so this takes the whole model and returns a pytree of
     bools of the same structure, for `eqx.partition` / `eqx.filter`: `True` on the
-    `a` and `b` of every `LoraArray` and on every `Trainable` array
-    (`modules_to_save`, trained biases); `False` everywhere else.
+    `a` and `b` of every `LoraArray` (and `StackedLoraArray`) and on every
+    `Trainable` array (`modules_to_save`, trained biases); `False` everywhere else.
 
     **Arguments:**
 
@@ -135,7 +137,7 @@ def count_parameters(model: PyTree) -> ParameterCount:
     """
     per_module: dict[str, tuple[int, int]] = {}
     for path, leaf in jtu.tree_leaves_with_path(model, is_leaf=is_adapted):
-        if isinstance(leaf, LoraArray):
+        if isinstance(leaf, (LoraArray, StackedLoraArray)):
             t = _size(leaf.a) + _size(leaf.b)
             n = t + sum(_size(x) for x in jtu.tree_leaves(leaf.weight))
         elif isinstance(leaf, Trainable):

@@ -291,8 +291,8 @@ def _rewrite(path, tensors=None, **changes):
 def test_future_and_foreign_formats(getkey, tmp_path):
     base = _mlp(getkey())
     path = _saved(tmp_path, _lora(base, getkey()))
-    _rewrite(path, format_version="2", quaxlora_version="9.0")
-    with pytest.raises(ValueError, match="format version 2, newer .* quaxlora 9.0"):
+    _rewrite(path, format_version="3", quaxlora_version="9.0")
+    with pytest.raises(ValueError, match="format version 3, newer .* quaxlora 9.0"):
         ql.load_adapters(path, base)
     _rewrite(path, format="pt")
     with pytest.raises(ValueError, match="not a quaxlora adapter file"):
