@@ -12,7 +12,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree
 
 from ._adapters import model_leaves, replace_leaves
-from ._lora_array import _is_value, LoraArray
+from ._lora_array import is_value, LoraArray
 from ._stacked import StackedLoraArray
 from ._train import Trainable
 
@@ -52,7 +52,7 @@ def _same(x: Any, y: Any) -> bool:
 def _base(model: PyTree) -> PyTree:
     """`model` with each `LoraArray` replaced by its frozen weight."""
     drop = lambda x: x.weight if isinstance(x, LoraArray) else x
-    return jtu.tree_map(drop, model, is_leaf=_is_value)
+    return jtu.tree_map(drop, model, is_leaf=is_value)
 
 
 def _check_models(models: list[PyTree]) -> list[dict[str, LoraArray]]:

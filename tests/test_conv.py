@@ -321,8 +321,9 @@ def test_plan_choice(case, n, want, getkey):
     jaxpr = jax.make_jaxpr(
         quax.quaxify(lambda l: lax.conv_general_dilated(x, l, **kwargs))
     )(lora)
-    convs = [e for e in jaxpr.eqns if e.primitive is lax.conv_general_dilated_p]
-    assert len(convs) == (2 if want == "factored" else 1)
+    # (The base convolution of the factored plan sits inside a `custom_jvp`.)
+    convs = str(jaxpr).count("conv_general_dilated[")
+    assert convs == (2 if want == "factored" else 1)
 
 
 def test_stacked_convs(getkey):
