@@ -71,7 +71,7 @@ def _check_models(models: list[PyTree]) -> list[dict[str, LoraArray]]:
                 extra = [
                     f.name
                     for f in dataclasses.fields(x)
-                    if f.name not in _KNOWN and getattr(x, f.name) is not None
+                    if f.name not in _KNOWN and getattr(x, f.name) not in (None, 0.0)
                 ]
                 if extra:
                     raise ValueError(
@@ -223,7 +223,7 @@ def _unstack(p: str, x: StackedLoraArray, i: int) -> LoraArray:
         allow_materialise=x.allow_materialise,
     )
     if x.weight is None:  # an adapter pytree (`quaxlora.adapters`)
-        return _new(LoraArray, **fields)
+        return _new(LoraArray, **fields, dropout=0.0, dropout_key=None)
     weight = fields.pop("weight")
     return LoraArray(weight, batch_ndim=n, **fields)
 

@@ -89,6 +89,24 @@ def concat_label(spec: Spec) -> str | None:
     return c
 
 
+def _vmaps(x) -> set[int]:
+    """The `vmap`s (their traces) that map `x`."""
+    from jax._src.interpreters.batching import BatchTracer
+
+    out = set()
+    while isinstance(x, BatchTracer):
+        out.add(id(x._trace))
+        x = x.val
+    return out
+
+
+def _mapped_like(f2, w) -> bool:
+    """Whether `f2` is mapped by no `vmap` that leaves `w` unmapped. Otherwise (per
+    example factors against one weight, as `quaxlora.select_adapter` gives under
+    `vmap`) `[w | f2]` would copy `w` once per example."""
+    return _vmaps(f2) <= _vmaps(w)
+
+
 def forward(spec: Spec, x, w, f1, f2, xa=None, *, fuse: bool, dot=dot):
     """`x·w + s·(xa·f1)·f2`, and `t = xa·f1`, where `xa` is the adapter branch's
     input (`x`, or `x` after LoRA dropout). `dot` computes one labelled product
@@ -102,7 +120,7 @@ def forward(spec: Spec, x, w, f1, f2, xa=None, *, fuse: bool, dot=dot):
     fuse = fuse and jnp.issubdtype(x.dtype, jnp.inexact)
     c = concat_label(spec) if fuse else None
     y_size = size_of(spec.out, x, spec.xl, w, spec.wl)
-    if c is not None and w.size <= FUSE_MAX_COPY * y_size:
+    if c is not None and w.size <= FUSE_MAX_COPY * y_size and _mapped_like(f2, w):
         renamed = lambda labels: tuple(c if l == "k" else l for l in labels)
         st = (spec.scaling * t).astype(x.dtype)
         st = transpose_to(st, renamed(spec.tl), spec.xl)
