@@ -164,6 +164,31 @@ def test_vmap_and_symbolic_zeros(getkey):
     assert_tree_allclose(out, jnp.tanh(xs @ lora.merged().T), **TOL)
 
 
+def test_custom_jvp_and_while_loop(getkey):
+    # quax's own custom_jvp support (`jax.nn.relu`, `jax.nn.softplus`) and a
+    # `lax.while_loop` around a LoRA layer, against the merged weight.
+    w = jr.normal(getkey(), (3, 3))
+    lora = nonzero_lora(ql.LoraArray(w, rank=2, key=getkey()), getkey())
+    x = jr.normal(getkey(), (3,))
+
+    def f(w, x):
+        def body(carry):
+            i, y = carry
+            return i + 1, jax.nn.softplus(w @ y) - jax.nn.relu(y)
+
+        return jax.lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1]
+
+    assert_tree_allclose(quax.quaxify(f)(lora, x), f(lora.merged(), x), **TOL)
+
+    def g(w, x):
+        return jnp.sum(jax.nn.softplus(w @ x) * jax.nn.relu(w @ x - 0.1))
+
+    t, fr = ql.partition(lora)
+    grad = jax.grad(lambda t: quax.quaxify(g)(eqx.combine(t, fr), x))(t)
+    grad_ref = jax.grad(lambda t: g(eqx.combine(t, fr).merged(), x))(t)
+    assert_tree_allclose(grad, grad_ref, **TOL)
+
+
 # A neural ODE whose vector field is a LoRA MLP, with each of diffrax's adjoints.
 
 
