@@ -7,6 +7,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
+import quax
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ._lora_array import LoraArray
@@ -27,6 +28,11 @@ def _batch_ndim(module: Any) -> int:
 
 def _is_module(x: Any) -> bool:
     return isinstance(x, SUPPORTED)
+
+
+def _is_weight_leaf(x: Any) -> bool:
+    """An array-like leaf: a quax value (a quantised base, a `LoraArray`) is one."""
+    return is_adapted(x) or isinstance(x, quax.Value)
 
 
 def _is_own(x: Any) -> bool:
@@ -234,17 +240,18 @@ def loraify(
     explicit = where is not None
     where = eqx.nn.Linear if where is None else where
     flat, _ = jtu.tree_flatten_with_path(
-        model, is_leaf=lambda x: _is_module(x) or is_adapted(x)
+        model, is_leaf=lambda x: _is_module(x) or _is_weight_leaf(x)
     )
     targets, candidates = [], []
     for path, node in flat:
-        # A target is (path, selected object, key path of the weight, layout).
+        # A target is (path, selected object, key path of the weight, layout: the
+        # known one of an Equinox layer, `None` for a module's, `"bare"` for a leaf).
         if _is_module(node):
             p, obj, at = path_str(path), node, (*path, jtu.GetAttrKey("weight"))
             layout = dict(batch_ndim=_batch_ndim(node))
             by_name = matches(where, p, node)
             excluded = exclude is not None and matches(exclude, p, node)
-        elif eqx.is_array(node) or isinstance(node, LoraArray):
+        elif eqx.is_array(node) or isinstance(node, quax.Value):
             owner = _owner(model, path)
             is_weight = path[-1] == jtu.GetAttrKey("weight") and _is_own(owner)
             if owner is None or (isinstance(owner, eqx.Module) and not _is_own(owner)):
@@ -258,7 +265,7 @@ def loraify(
                     node,
                 )
             )
-            layout = None
+            layout = None if is_weight else "bare"
             if is_weight:
                 by_name = matches(where, p, owner) or _names(where, leaf_path)
                 excluded = exclude is not None and (
@@ -300,14 +307,14 @@ def loraify(
             dtype=dtype,
             key=k,
         )
-        if layout is not None:  # one of Equinox's layers: its layout is known
+        if isinstance(layout, dict):  # one of Equinox's layers: its layout is known
             adapters[jtu.keystr(at)] = LoraArray(obj.weight, **layout, **options)
             continue
-        weight = obj.weight if obj is not None and not eqx.is_array(obj) else obj
+        weight = obj if layout == "bare" else obj.weight
         axis = _layout(out_axis, p)
         transposed = bool(_layout(fan_in_fan_out, p))
         if axis is None and not transposed:
-            if eqx.is_array(obj):
+            if layout == "bare":
                 raise ValueError(
                     f"`loraify` cannot infer the layout of the array `{p}` (shape "
                     f"{tuple(weight.shape)}): pass `out_axis` (the axis of output "
@@ -325,7 +332,7 @@ def loraify(
     def place(path, leaf):
         return adapters.get(jtu.keystr(path), leaf)
 
-    model = jtu.tree_map_with_path(place, model, is_leaf=is_adapted)
+    model = jtu.tree_map_with_path(place, model, is_leaf=_is_weight_leaf)
 
     target_paths = [p for p, *_ in targets]
 
