@@ -1,7 +1,5 @@
 """`jax.custom_vjp` inside `quax.quaxify` (quaxlora/_quax_compat.py), and diffrax."""
 
-import importlib.metadata
-
 import diffrax
 import equinox as eqx
 import jax
@@ -9,7 +7,6 @@ import jax.numpy as jnp
 import jax.random as jr
 import pytest
 import quax
-from quax._trace import _QuaxTrace
 
 import quaxlora as ql
 from quaxlora import _quax_compat
@@ -25,9 +22,10 @@ def test_patch_steps_aside_when_quax_catches_up():
     # 0.4.6 lacks it (nstarman/quax pull request 219 adds it upstream): when this
     # fails on a newer quax, check that its own method passes this file without the
     # patch, then delete `quaxlora/_quax_compat.py`.
-    own = _QuaxTrace.process_custom_vjp_call is not _quax_compat.process_custom_vjp_call
+    trace = _quax_compat._QuaxTrace
+    own = trace.process_custom_vjp_call is not _quax_compat.process_custom_vjp_call
     assert _quax_compat.PATCHED is not own
-    version = tuple(int(p) for p in importlib.metadata.version("quax").split(".")[:3])
+    version = _quax_compat._version("quax")
     assert _quax_compat.PATCHED is (version <= (0, 4, 6)), (
         f"quax {version} changed whether it has `process_custom_vjp_call`."
     )
