@@ -257,21 +257,14 @@ def loraify(
             if owner is None or (isinstance(owner, eqx.Module) and not _is_own(owner)):
                 continue  # a leaf of one of Equinox's own layers (a norm, ...)
             leaf_path, at = path_str(path), path
-            p, obj = (
-                (leaf_path.rpartition(".")[0], owner)
-                if is_weight
-                else (
-                    leaf_path,
-                    node,
-                )
-            )
-            layout = None if is_weight else "bare"
-            if is_weight:
+            if is_weight:  # selected as its module, or by its own path
+                p, obj, layout = leaf_path.rpartition(".")[0], owner, None
                 by_name = matches(where, p, owner) or _names(where, leaf_path)
                 excluded = exclude is not None and (
                     matches(exclude, p, owner) or _names(exclude, leaf_path)
                 )
             else:
+                p, obj, layout = leaf_path, node, "bare"
                 by_name = _names(where, leaf_path)
                 excluded = exclude is not None and _names(exclude, leaf_path)
         else:
