@@ -2,7 +2,7 @@
 
 from importlib.metadata import version as _version
 
-from . import _rules as _rules
+from . import _quax_compat as _quax_compat, _rules as _rules
 from ._adapters import (
     adapters as adapters,
     combine_adapters as combine_adapters,
