@@ -66,7 +66,7 @@ def variants(task):
     params, static = eqx.partition(model, eqx.is_array)
     lora = ql.loraify(model, rank=16, key=jr.key(1), exclude=exclude)
     arrays, lstatic = eqx.partition(lora, eqx.is_array)
-    tr, fr = eqx.partition(arrays, ql.is_trainable(lora))
+    tr, fr = eqx.partition(arrays, ql.trainable_spec(lora))
     full = Variant(make_full_step(loss, static, opt), (params, opt.init(params), x, y))
     full.compile()
     out = [full]

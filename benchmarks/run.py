@@ -337,7 +337,7 @@ def build(task, cfg, key):
     # quaxlora
     lora = ql.loraify(model, rank=RANK, key=kl, exclude=exclude)
     arrays, lstatic = eqx.partition(lora, eqx.is_array)
-    trainable, frozen = eqx.partition(arrays, ql.is_trainable(lora))
+    trainable, frozen = eqx.partition(arrays, ql.trainable_spec(lora))
     ql_step = Variant(
         make_lora_step(loss, lstatic, opt),
         (trainable, opt.init(trainable), frozen, x, y),
@@ -438,7 +438,7 @@ def run_scan(cfg, key):
         opt = optax.adam(1e-4)
         lora = ql.loraify(model, rank=RANK, key=key, exclude=exclude)
         arrays, lstatic = eqx.partition(lora, eqx.is_array)
-        trainable, frozen = eqx.partition(arrays, ql.is_trainable(lora))
+        trainable, frozen = eqx.partition(arrays, ql.trainable_spec(lora))
         args = (trainable, opt.init(trainable), frozen, x, y)
         t = time_trace_compile(lambda: make_lora_step(loss, lstatic, opt), args)
         out[depth] = dict(quaxlora=t)

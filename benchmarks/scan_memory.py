@@ -78,7 +78,7 @@ def measure(vocab, d, heads, depth, seq, batch=1, rank=16):
     return {
         "frozen floor": step_memory(base, floor_spec, tokens, quaxified=False),
         "quaxlora LoRA": step_memory(
-            lora, ql.is_trainable(lora), tokens, quaxified=True
+            lora, ql.trainable_spec(lora), tokens, quaxified=True
         ),
         "full fine-tuning": step_memory(base, full_spec, tokens, quaxified=False),
     }

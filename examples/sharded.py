@@ -90,7 +90,7 @@ def train(model, data, *, mesh=None, adapters="replicated", steps=5, lr=1e-2):
     """LoRA-train `model` on `data = (x, y)`; on `mesh` if given, else one device.
     Returns the per-step losses and the trained `trainable` pytree."""
     arrays, static = eqx.partition(model, eqx.is_array)
-    trainable, frozen = eqx.partition(arrays, ql.is_trainable(model))
+    trainable, frozen = eqx.partition(arrays, ql.trainable_spec(model))
     x, y = data
     if mesh is None:
         device = jax.devices()[0]

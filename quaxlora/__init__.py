@@ -24,7 +24,7 @@ from ._stack import (
 from ._stacked import StackedLoraArray as StackedLoraArray
 from ._train import (
     count_parameters as count_parameters,
-    is_trainable as is_trainable,
+    trainable_spec as trainable_spec,
     ParameterCount as ParameterCount,
     partition as partition,
     Trainable as Trainable,
@@ -32,3 +32,14 @@ from ._train import (
 
 
 __version__ = _version("quaxlora")
+
+
+def __getattr__(name: str):
+    if name == "is_trainable":
+        raise AttributeError(
+            "`quaxlora.is_trainable` is now `quaxlora.trainable_spec`: it takes the "
+            "whole model and returns a filter spec, `eqx.partition(model, "
+            "ql.trainable_spec(model))` (it is not a per-leaf filter like Equinox's "
+            "`is_*` functions)."
+        )
+    raise AttributeError(f"module 'quaxlora' has no attribute {name!r}")

@@ -12,7 +12,7 @@ from jaxtyping import PyTree
 
 from ._lora_array import _dense_weight, is_value, LoraArray
 from ._paths import path_str
-from ._train import is_adapted, is_trainable, Trainable
+from ._train import is_adapted, trainable_spec, Trainable
 
 
 def model_leaves(model: PyTree) -> dict[str, Any]:
@@ -51,7 +51,7 @@ def adapters(model: PyTree) -> PyTree:
 
     The adapter pytree.
     """
-    return eqx.filter(model, is_trainable(model))
+    return eqx.filter(model, trainable_spec(model))
 
 
 def _fit(p: str, ad: Any, old: Any) -> Any:

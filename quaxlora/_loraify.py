@@ -130,9 +130,9 @@ def _mark_trainable(model: PyTree, select) -> PyTree:
 
 def loraify(
     model: PyTree,
-    *,
     rank: int | Mapping[str, int],
     key: PRNGKeyArray,
+    *,
     alpha: float | Mapping[str, float] | None = None,
     where: Where = None,
     exclude: Where = None,
@@ -174,9 +174,9 @@ def loraify(
     **Arguments:**
 
     - `model`: the model, any pytree.
-    - `rank`: the LoRA rank, or a mapping `{pattern: rank}` resolved per target (the
+    - `rank`: (positional or keyword) the LoRA rank, or a mapping `{pattern: rank}` resolved per target (the
         first pattern matching the target's path wins).
-    - `key`: PRNG key; split once into one key per target, in path order.
+    - `key`: (positional or keyword) PRNG key; split once into one key per target, in path order.
     - `alpha`: the LoRA alpha (default: the rank, i.e. scaling 1), or a mapping
         `{pattern: alpha}`.
     - `where`: what to adapt. A module type or tuple of types; a pattern string,
@@ -189,7 +189,7 @@ def loraify(
     - `rslora`: use rank-stabilised scaling `alpha / sqrt(rank)`.
     - `modules_to_save`: patterns (as in `where`) of modules trained in full, like
         PEFT's `modules_to_save` (e.g. a new classifier head). Their arrays are
-        wrapped in `Trainable`, which `quaxlora.is_trainable` selects.
+        wrapped in `Trainable`, which `quaxlora.trainable_spec` selects.
     - `bias`: as PEFT: `"none"` (no bias is trained), `"all"` (every bias in the
         model is trained) or `"lora_only"` (the biases of adapted layers).
     - `stop_gradient`: no gradient ever reaches a frozen weight, even when the
@@ -226,6 +226,7 @@ def loraify(
 
         mlp = eqx.nn.MLP(4, 2, width_size=32, depth=2, key=jr.key(0))
         lora_mlp = ql.loraify(mlp, rank=4, key=jr.key(1))
+        same = ql.loraify(mlp, 4, jr.key(1))  # rank and key may be positional
         y = quax.quaxify(lora_mlp)(jnp.ones(4))  # == mlp(jnp.ones(4)) at init
 
 

@@ -32,7 +32,7 @@ class Trainable(quax.ArrayValue):
 
 def is_adapted(x: Any) -> bool:
     """Whether `x` is a `LoraArray`, a `StackedLoraArray` or a `Trainable` (a node
-    `is_trainable` decides)."""
+    `trainable_spec` decides)."""
     return isinstance(x, (LoraArray, StackedLoraArray, Trainable))
 
 
@@ -43,7 +43,7 @@ def _spec(x: Any) -> Any:
     return isinstance(x, Trainable)
 
 
-def is_trainable(model: PyTree) -> PyTree[bool]:
+def trainable_spec(model: PyTree) -> PyTree[bool]:
     """The filter spec of what LoRA trains in `model`.
 
     A per-leaf predicate cannot tell a LoRA factor from the frozen weight beside it
@@ -63,9 +63,18 @@ def is_trainable(model: PyTree) -> PyTree[bool]:
     !!! Example
 
         ```python
-        trainable, frozen = eqx.partition(model, ql.is_trainable(model))
+        trainable, frozen = eqx.partition(model, ql.trainable_spec(model))
         ```
     """
+    if isinstance(model, (jax.Array, np.ndarray, np.generic)):
+        # `eqx.partition(model, ql.trainable_spec)` calls it on each array leaf,
+        # where it could only answer "not trained" and silently train nothing.
+        raise TypeError(
+            "`quaxlora.trainable_spec` takes the whole model and returns a filter "
+            "spec, but was called on a single array (as `eqx.partition(model, "
+            "ql.trainable_spec)` does). Call it on the model: `eqx.partition(model, "
+            "ql.trainable_spec(model))`, or use `ql.partition(model)`."
+        )
     return jtu.tree_map(_spec, model, is_leaf=is_adapted)
 
 
@@ -85,7 +94,7 @@ def partition(model: PyTree) -> tuple[PyTree, PyTree]:
     A pair `(trainable, frozen)` of pytrees with `model`'s structure, with `None`
     in place of the leaves each one leaves out.
     """
-    return eqx.partition(model, is_trainable(model))
+    return eqx.partition(model, trainable_spec(model))
 
 
 @dataclasses.dataclass(frozen=True)

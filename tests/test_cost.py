@@ -44,7 +44,7 @@ def _data(key):
 
 def _lora_step(model, opt):
     arrays, static = eqx.partition(model, eqx.is_array)
-    trainable, frozen = eqx.partition(arrays, ql.is_trainable(model))
+    trainable, frozen = eqx.partition(arrays, ql.trainable_spec(model))
 
     def step(trainable, opt_state, frozen, x, y):
         def f(t):

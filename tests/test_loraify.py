@@ -217,3 +217,10 @@ def test_stacked_layers(getkey):
     stack = eqx.filter_vmap(lambda k: eqx.nn.Linear(3, 5, key=k))(jr.split(getkey(), 4))
     lora = ql.loraify(stack, rank=2, key=getkey())
     assert lora.weight.batch_ndim == 1 and lora.weight.a.shape == (4, 2, 3)
+
+
+def test_rank_and_key_positional(getkey):
+    # The mission's spelling, `loraify(model, rank, key)`, and the keyword one agree.
+    mlp = eqx.nn.MLP(3, 2, 4, 1, key=getkey())
+    key = getkey()
+    assert eqx.tree_equal(ql.loraify(mlp, 2, key), ql.loraify(mlp, rank=2, key=key))

@@ -54,7 +54,7 @@ def test_mesh_training_matches_one_device(adapters):
 def test_placement_of_adapters():
     model, _ = sharded.setup(jr.key(1), width=32, depth=2, batch=32, rank=4)
     arrays, _ = eqx.partition(model, eqx.is_array)
-    trainable, frozen = eqx.partition(arrays, ql.is_trainable(model))
+    trainable, frozen = eqx.partition(arrays, ql.trainable_spec(model))
     mesh = sharded.make_mesh(8)
     for adapters, b_spec in (("replicated", P()), ("with-base", P("data"))):
         placed = sharded.place(trainable, mesh, adapters=adapters)

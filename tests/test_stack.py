@@ -144,7 +144,7 @@ def test_gradients_go_to_each_examples_adapter(getkey):
             return jnp.sum(jnp.tanh(jax.vmap(m)(xs)) * ys * mask)
 
         want = jax.grad(own)(t)
-        got = eqx.filter(per_adapter[i], ql.is_trainable(model))
+        got = eqx.filter(per_adapter[i], ql.trainable_spec(model))
         for g, w in zip(jtu.tree_leaves(got), jtu.tree_leaves(want)):
             np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12)
         nonzero = any(np.any(np.asarray(g)) for g in jtu.tree_leaves(got))
@@ -251,7 +251,7 @@ def test_no_weight_sized_copy_per_example(getkey, rows):
 
     def temp(model, mixed, grad):
         arrays, static = eqx.partition(model, eqx.is_array)
-        t, f = eqx.partition(arrays, ql.is_trainable(model))
+        t, f = eqx.partition(arrays, ql.trainable_spec(model))
 
         def loss(t, f, xs, ids):
             m = eqx.combine(t, f, static)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
+import pytest
 import quax
 
 import quaxlora as ql
@@ -133,3 +134,15 @@ def test_digits_example_smoke(tmp_path):
     assert out["acc_merged"] == out["acc_after"]
     assert out["trainable"] < out["total"] and out["adapter_bytes"] < out["model_bytes"]
     assert out["resumed_same"] and out["file_bytes"] < 0.5 * out["model_bytes"]
+
+
+def test_trainable_spec_misuse_is_loud(getkey):
+    # `eqx.partition(model, ql.trainable_spec)` would call it per leaf and, answering
+    # "not trained" for every array, silently train nothing.
+    model = ql.loraify(eqx.nn.Linear(3, 4, key=getkey()), rank=2, key=getkey())
+    with pytest.raises(TypeError, match="takes the whole model"):
+        eqx.partition(model, ql.trainable_spec)
+    with pytest.raises(AttributeError, match="now `quaxlora.trainable_spec`"):
+        ql.is_trainable  # noqa: B018
+    trainable, _ = eqx.partition(model, ql.trainable_spec(model))
+    assert trainable.weight.a is not None and trainable.weight.b is not None
