@@ -7,7 +7,7 @@
 3. Adapt with LoRA on every conv (`where=eqx.nn.Conv`) and retrain the classifier
    head in full (`modules_to_save="head"`, as in PEFT): nothing else is trained.
    The dense convs run factored; the depthwise conv, whose kernel is tiny next to
-   its activations, runs through the delta kernel (see `quaxlora.conv_plan`).
+   its activations, runs through the delta kernel (see `quaxlora.conv.conv_plan`).
 
 Run: `python examples/conv_digits.py` (under a minute on 2 CPU cores).
 """
@@ -160,7 +160,7 @@ def main(
     acc_merged = accuracy(ql.merge(lora_model), xs_test, y_test)
     counts = ql.count_parameters(lora_model)
     h = jax.ShapeDtypeStruct((batch_size, 2 * width, 4, 4), jnp.float32)
-    plan = ql.conv_plan(
+    plan = ql.conv.conv_plan(
         h,
         lora_model.depthwise.weight,
         (1, 1),

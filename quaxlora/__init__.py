@@ -2,9 +2,8 @@
 
 from importlib.metadata import version as _version
 
-from . import _quax_compat as _quax_compat, _rules as _rules
+from . import _quax_compat as _quax_compat, _rules as _rules, conv as conv
 from ._adapters import (
-    adapters as adapters,
     combine_adapters as combine_adapters,
     unmerge as unmerge,
     with_adapters as with_adapters,
@@ -15,7 +14,6 @@ from ._lora_array import LoraArray as LoraArray
 from ._loraify import loraify as loraify
 from ._merge import merge as merge, unloraify as unloraify
 from ._peft import load_peft as load_peft, save_peft as save_peft
-from ._rules._conv import conv_plan as conv_plan, ConvPlan as ConvPlan
 from ._stack import (
     select_adapter as select_adapter,
     stack_adapters as stack_adapters,
@@ -24,10 +22,10 @@ from ._stack import (
 from ._stacked import StackedLoraArray as StackedLoraArray
 from ._train import (
     count_parameters as count_parameters,
-    trainable_spec as trainable_spec,
     ParameterCount as ParameterCount,
     partition as partition,
     Trainable as Trainable,
+    trainable_spec as trainable_spec,
 )
 
 

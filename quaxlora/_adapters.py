@@ -4,7 +4,6 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -12,7 +11,7 @@ from jaxtyping import PyTree
 
 from ._lora_array import _dense_weight, is_value, LoraArray
 from ._paths import path_str
-from ._train import is_adapted, trainable_spec, Trainable
+from ._train import is_adapted, Trainable
 
 
 def model_leaves(model: PyTree) -> dict[str, Any]:
@@ -32,26 +31,6 @@ def replace_leaves(model: PyTree, new: dict[str, Any]) -> PyTree:
     flat, treedef = jtu.tree_flatten_with_path(model, is_leaf=is_value)
     leaves = [new.get(path_str(p), x) for p, x in flat]
     return jtu.tree_unflatten(treedef, leaves)
-
-
-def adapters(model: PyTree) -> PyTree:
-    """The adapters of a model, without its frozen weights.
-
-    This is the trainable half of `quaxlora.partition(model)`: a pytree of `model`'s
-    structure holding the `a`, `b` (and the rank, alpha, scaling mode) of every
-    `LoraArray`, with `None` for its frozen weight, and every `Trainable` array;
-    `None` everywhere else. It is small — keep one per task and put it on the base
-    with `quaxlora.with_adapters`.
-
-    **Arguments:**
-
-    - `model`: a model with adapters.
-
-    **Returns:**
-
-    The adapter pytree.
-    """
-    return eqx.filter(model, trainable_spec(model))
 
 
 def _fit(p: str, ad: Any, old: Any) -> Any:
@@ -91,7 +70,7 @@ def with_adapters(model: PyTree, adapters: PyTree) -> PyTree:
     that `model` had is dropped back to its frozen weight, so the result carries
     exactly the adapters given. (A `Trainable` of `model` that `adapters` does not
     replace is an error: the base array it stands in for is not stored.)
-    `with_adapters(base, quaxlora.adapters(m))` rebuilds `m` from its base.
+    `with_adapters(base, quaxlora.partition(m)[0])` rebuilds `m` from its base.
 
     To disable adapters, use the base model itself (or `quaxlora.unloraify(model)`,
     which is the base model whenever there are no `modules_to_save`).
@@ -99,7 +78,7 @@ def with_adapters(model: PyTree, adapters: PyTree) -> PyTree:
     **Arguments:**
 
     - `model`: the base model, or a model with (other) adapters.
-    - `adapters`: an adapter pytree (`quaxlora.adapters`), or any model with
+    - `adapters`: an adapter pytree (`quaxlora.partition(model)[0]`), or any model with
         adapters, of the same module structure as `model`.
 
     **Returns:**
@@ -110,7 +89,7 @@ def with_adapters(model: PyTree, adapters: PyTree) -> PyTree:
     !!! Example
 
         ```python
-        task_a, task_b = ql.adapters(model_a), ql.adapters(model_b)
+        task_a, task_b = ql.partition(model_a)[0], ql.partition(model_b)[0]
         model = ql.with_adapters(base, task_a)   # serve task A
         model = ql.with_adapters(model, task_b)  # switch to task B
         ```
@@ -245,7 +224,7 @@ def unmerge(merged: PyTree, adapters: PyTree) -> PyTree:
     **Arguments:**
 
     - `merged`: the output of `quaxlora.merge(model)`.
-    - `adapters`: `model` itself, or its adapter pytree `quaxlora.adapters(model)`.
+    - `adapters`: `model` itself, or its adapter pytree `quaxlora.partition(model)[0]`.
 
     **Returns:**
 

@@ -205,7 +205,7 @@ def save_adapters(path: str | os.PathLike, model: PyTree) -> None:
 
     - `path`: where to write (conventionally ending in `.safetensors`).
     - `model`: a model with adapters (from `quaxlora.loraify`, `load_adapters`, ...).
-        An adapter pytree (`quaxlora.adapters(model)`) works as well.
+        An adapter pytree (`quaxlora.partition(model)[0]`) works as well.
 
     **Returns:**
 

@@ -222,7 +222,7 @@ def _unstack(p: str, x: StackedLoraArray, i: int) -> LoraArray:
         stop_gradient=x.stop_gradient,
         allow_materialise=x.allow_materialise,
     )
-    if x.weight is None:  # an adapter pytree (`quaxlora.adapters`)
+    if x.weight is None:  # an adapter pytree (`quaxlora.partition(model)[0]`)
         return _new(LoraArray, **fields, dropout=0.0, dropout_key=None)
     weight = fields.pop("weight")
     return LoraArray(weight, batch_ndim=n, **fields)
@@ -238,7 +238,7 @@ def unstack_adapters(model: PyTree) -> list[PyTree]:
     **Arguments:**
 
     - `model`: a model from `quaxlora.stack_adapters` (trained or not), or its
-        adapter pytree (`quaxlora.adapters`).
+        adapter pytree (`quaxlora.partition(model)[0]`).
 
     **Returns:**
 

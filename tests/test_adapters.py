@@ -72,7 +72,7 @@ TOKENS = jnp.array([1, 5, 0, 6, 3])
 
 def test_adapters_hold_no_frozen_weight(getkey):
     model = _trained(ql.loraify(_mlp(getkey()), rank=2, key=getkey()), getkey())
-    ad = ql.adapters(model)
+    ad = ql.partition(model)[0]
     for layer, full in zip(ad.layers, model.layers):
         assert layer.weight.weight is None
         assert layer.bias is None
@@ -87,7 +87,7 @@ def test_with_adapters_rebuilds(getkey):
         ),
         getkey(),
     )
-    rebuilt = ql.with_adapters(base, ql.adapters(model))
+    rebuilt = ql.with_adapters(base, ql.partition(model)[0])
     assert eqx.tree_equal(rebuilt, model)
     np.testing.assert_array_equal(_run(rebuilt, TOKENS), _run(model, TOKENS))
 
@@ -109,7 +109,7 @@ def test_switch_and_disable(getkey, tmp_path):
     np.testing.assert_array_equal(_run(on_a, x), ya)
     np.testing.assert_array_equal(_run(on_b, x), yb)
     # Switching in memory: B's targets are a subset, A's other adapters are dropped.
-    switched = ql.with_adapters(on_a, ql.adapters(on_b))
+    switched = ql.with_adapters(on_a, ql.partition(on_b)[0])
     assert not isinstance(switched.layers[0].weight, ql.LoraArray)
     np.testing.assert_array_equal(_run(switched, x), yb)
     np.testing.assert_array_equal(_run(ql.with_adapters(switched, on_a), x), ya)
@@ -122,16 +122,16 @@ def test_with_adapters_errors(getkey):
     base = _mlp(getkey())
     model = ql.loraify(base, rank=2, key=getkey())
     with pytest.raises(ValueError, match="`layers.0.weight`, which `model` does not"):
-        ql.with_adapters({"mlp": base}, ql.adapters(model))
+        ql.with_adapters({"mlp": base}, ql.partition(model)[0])
     other = eqx.nn.MLP(4, 3, 9, 2, key=getkey())
     with pytest.raises(ValueError, match="`adapters` at `layers.0.weight` do not fit"):
-        ql.with_adapters(other, ql.adapters(model))
+        ql.with_adapters(other, ql.partition(model)[0])
     saved = ql.loraify(base, rank=2, key=getkey(), modules_to_save="layers.2")
     with pytest.raises(ValueError, match="trained array at `layers.2.bias`"):
-        ql.with_adapters(saved, ql.adapters(model))
+        ql.with_adapters(saved, ql.partition(model)[0])
     wide = eqx.tree_at(lambda m: m.layers[2].weight, base, jnp.zeros((3, 9)))
     with pytest.raises(ValueError, match="`adapters` at `layers.2.weight`: array"):
-        ql.with_adapters(wide, ql.adapters(saved))
+        ql.with_adapters(wide, ql.partition(saved)[0])
 
 
 def _dense_delta(lora):
@@ -146,7 +146,7 @@ def test_combine_adapters(getkey, weights):
         ql.loraify(base, rank=3, alpha=6.0, rslora=True, key=getkey(), where=TARGETS),
         getkey(),
     )
-    both = ql.combine_adapters([m1, ql.adapters(m2)], weights)
+    both = ql.combine_adapters([m1, ql.partition(m2)[0]], weights)
     for name in ("emb", "conv", "stack", "head"):
         l1, l2, lc = (getattr(m, name).weight for m in (m1, m2, both))
         assert lc.rank == 5 and lc.scaling == 1.0
@@ -211,7 +211,7 @@ def test_unmerge_error_bound(getkey, dtype, scale):
         ql.loraify(base, rank=2, key=getkey(), where=TARGETS), getkey(), scale
     )
     merged = ql.merge(model)
-    for adapters in (model, ql.adapters(model)):
+    for adapters in (model, ql.partition(model)[0]):
         recovered = ql.unmerge(merged, adapters)
         u = float(jnp.finfo(dtype).eps) / 2  # unit roundoff
         for w, m, r in zip(

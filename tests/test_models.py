@@ -143,7 +143,7 @@ def test_resnet_plans(getkey):
     _, lora, x, *_ = _resnet(getkey())
     block = lora.blocks[0]
     h = jnp.zeros((1, 16, 6, 6))
-    dw = ql.conv_plan(
+    dw = ql.conv.conv_plan(
         h, block.depthwise.weight, (1, 1), ((1, 1), (1, 1)), feature_group_count=16
     )
     assert dw.plan == "delta"

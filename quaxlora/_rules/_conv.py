@@ -171,7 +171,7 @@ def _(lhs: ArrayLike | quax.ArrayValue, rhs: LoraArray, **params) -> Any:
         if plan.orientation is None:
             raise TypeError(
                 "LoRA dropout on this convolution needs the factored plan, which "
-                "this layout has not (see `quaxlora.conv_plan`); use `dropout=0` "
+                "this layout has not (see `quaxlora.conv.conv_plan`); use `dropout=0` "
                 "for this layer."
             )
         return _factored(lhs, rhs, params)
@@ -211,7 +211,7 @@ def conv_plan(
         conv = eqx.nn.Conv2d(32, 32, 3, groups=32, key=jr.key(0))  # depthwise
         lora = ql.LoraArray(conv.weight, rank=4, key=jr.key(1))
         x = jnp.ones((1, 32, 28, 28))
-        plan = ql.conv_plan(x, lora, (1, 1), "SAME", feature_group_count=32)
+        plan = ql.conv.conv_plan(x, lora, (1, 1), "SAME", feature_group_count=32)
         plan.plan  # "delta"
         ```
     """
