@@ -174,9 +174,10 @@ def loraify(
     **Arguments:**
 
     - `model`: the model, any pytree.
-    - `rank`: (positional or keyword) the LoRA rank, or a mapping `{pattern: rank}` resolved per target (the
-        first pattern matching the target's path wins).
-    - `key`: (positional or keyword) PRNG key; split once into one key per target, in path order.
+    - `rank`: the LoRA rank, or a mapping `{pattern: rank}` resolved per target
+        (the first pattern matching the target's path wins). Positional or keyword.
+    - `key`: PRNG key; split once into one key per target, in path order.
+        Positional or keyword.
     - `alpha`: the LoRA alpha (default: the rank, i.e. scaling 1), or a mapping
         `{pattern: alpha}`.
     - `where`: what to adapt. A module type or tuple of types; a pattern string,
