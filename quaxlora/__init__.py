@@ -12,6 +12,7 @@ from ._adapters import (
 from ._io import load_adapters as load_adapters, save_adapters as save_adapters
 from ._lora_array import LoraArray as LoraArray
 from ._loraify import loraify as loraify
+from ._loraplus import loraplus as loraplus
 from ._merge import merge as merge, unloraify as unloraify
 from ._peft import load_peft as load_peft, save_peft as save_peft
 from ._rules._conv import conv_plan as conv_plan, ConvPlan as ConvPlan

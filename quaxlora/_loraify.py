@@ -8,7 +8,8 @@ import jax.random as jr
 import jax.tree_util as jtu
 from jaxtyping import PRNGKeyArray, PyTree
 
-from ._lora_array import LoraArray
+from ._init import Init, init_factors
+from ._lora_array import _check_rank, LoraArray, scaling_for
 from ._paths import matches, path_str, per_target, Where
 from ._train import is_adapted, Trainable
 
@@ -64,6 +65,8 @@ def loraify(
     stop_gradient: bool = True,
     allow_materialise: bool = False,
     dtype: Any = None,
+    use_dora: bool = False,
+    init: Init = "default",
 ) -> PyTree:
     """Add LoRA adapters to an Equinox model.
 
@@ -103,6 +106,18 @@ def loraify(
     - `stop_gradient`: read frozen weights through `lax.stop_gradient`.
     - `allow_materialise`: allow the dense fallback for primitives without a rule.
     - `dtype`: dtype of the adapter factors (default: each weight's dtype).
+    - `use_dora`: DoRA (PEFT's `use_dora`): each adapted weight becomes
+        `m * V / norm(V)` with `V = w + scaling * b @ a`, the norm taken per output
+        unit (per row of a linear or convolution weight, per feature column of an
+        embedding table, as PEFT does) and `m` a trained magnitude initialised to
+        `norm(V)`. Computed in factored form; see the variants page.
+    - `init`: how the factors start (PEFT's `init_lora_weights`): `"default"`
+        (`a` uniform, `b = 0`), `"gaussian"` (`a ~ N(0, 1/rank²)`, `b = 0`),
+        `"pissa"` (the top-`rank` singular part of the weight, which becomes the
+        residual) or `"olora"` (the first `rank` columns of a QR decomposition,
+        likewise). The model's output is unchanged at initialisation in every case;
+        PiSSA and OLoRA adapters need the residual base weights the returned model
+        holds (adapter files record this).
 
     **Returns:**
 
@@ -152,16 +167,32 @@ def loraify(
     keys = jr.split(key, len(targets))
     leaves = [node for _, node in flat]
     for (i, p, node), k in zip(targets, keys):
-        lora = LoraArray(
+        r, al = _check_rank(per_target(rank, p, "rank")), per_target(alpha, p, "alpha")
+        weight, a, b = init_factors(
+            init,
             node.weight,
-            rank=per_target(rank, p, "rank"),
-            alpha=per_target(alpha, p, "alpha"),
+            rank=r,
+            scaling=scaling_for(r, al, rslora),
+            batch_ndim=_batch_ndim(node),
+            dtype=dtype,
+            key=k,
+        )
+        lora = LoraArray(
+            weight,
+            rank=r,
+            alpha=al,
             rslora=rslora,
             stop_gradient=stop_gradient,
             allow_materialise=allow_materialise,
             batch_ndim=_batch_ndim(node),
             dtype=dtype,
             key=k,
+            a=a,
+            b=b,
+            use_dora=use_dora,
+            # PEFT's DoRA norms an embedding table per feature column.
+            dora_axis=1 if isinstance(node, eqx.nn.Embedding) else 0,
+            init=init,
         )
         leaves[i] = eqx.tree_at(lambda m: m.weight, node, lora)
     model = jtu.tree_unflatten(treedef, leaves)
