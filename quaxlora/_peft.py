@@ -31,6 +31,14 @@ _LORA_KEYS = {
     ".lora_embedding_B": "B",
 }
 _KINDS = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.Embedding)
+# DoRA: PEFT's magnitude vector, `(out,)` for Linear, `(1, out, 1, ...)` for Conv,
+# `(embedding_dim,)` for Embedding (PEFT norms an embedding table per feature).
+_MAGNITUDE = ".lora_magnitude_vector"
+
+
+def _dora_axis(module: Any) -> int:
+    """The weight axis PEFT's DoRA magnitude runs along, in quaxlora's layout."""
+    return 1 if isinstance(module, eqx.nn.Embedding) else 0
 
 
 def _modules(model: PyTree) -> dict[str, Any]:
@@ -47,7 +55,6 @@ def _check_config(config: Any, directory: str) -> None:
             "(`peft_type` must be 'LORA')."
         )
     unsupported = [
-        ("use_dora", False),
         ("fan_in_fan_out", False),
         ("lora_bias", False),
         ("target_parameters", None),
@@ -90,6 +97,19 @@ def _from_factors(module: Any, a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
     return a, b.reshape(b.shape + (1,) * (a.ndim - 2))
 
 
+def _peft_magnitude(p: str, module: Any, leaf: LoraArray) -> np.ndarray:
+    """A DoRA magnitude in PEFT's layout; PEFT norms along one fixed axis."""
+    if leaf.dora_axis != _dora_axis(module):
+        raise ValueError(
+            f"Cannot save the DoRA adapter at `{p}` for PEFT: its magnitude runs "
+            f"along axis {leaf.dora_axis}, PEFT's along axis {_dora_axis(module)}."
+        )
+    m = np.asarray(leaf.magnitude)
+    if isinstance(module, eqx.nn.Conv):
+        return m.reshape((1, -1) + (1,) * (leaf.ndim - 2))
+    return m
+
+
 def _split(key: str, mapping: Mapping[str, str]) -> tuple[str, str]:
     """A non-LoRA key `name.rest` as (name, rest), `name` the longest mapped one."""
     for name in sorted(mapping, key=len, reverse=True):
@@ -119,7 +139,9 @@ def load_peft(
     (as written by PEFT's `save_pretrained`), converts PEFT's layouts to quaxlora's
     (`lora_A`/`lora_B` of `torch.nn.Linear` and `Conv*d` are `a`/`b` as they are;
     `lora_embedding_A`/`lora_embedding_B` are `b`/`a` transposed), and honours `r`,
-    `lora_alpha`, `rank_pattern`, `alpha_pattern` and `use_rslora`. Tensors of
+    `lora_alpha`, `rank_pattern`, `alpha_pattern`, `use_rslora` and `use_dora`
+    (DoRA's `lora_magnitude_vector`, per output unit as PEFT defines it: per row of
+    a linear or convolution weight, per feature column of an embedding). Tensors of
     `modules_to_save` modules become `Trainable` arrays. Factors are cast to the
     weight's dtype, as PyTorch does when loading a state dict.
 
@@ -157,6 +179,9 @@ def load_peft(
         if not key.startswith(PREFIX):
             raise ValueError(f"PEFT tensor `{key}` does not start with {PREFIX!r}.")
         key = key[len(PREFIX) :]
+        if key.endswith(_MAGNITUDE):
+            factors.setdefault(key[: -len(_MAGNITUDE)], {})["M"] = x
+            continue
         suffix = next((s for s in _LORA_KEYS if key.endswith(s)), None)
         if suffix is not None:
             factors.setdefault(key[: -len(suffix)], {})[_LORA_KEYS[suffix]] = x
@@ -170,10 +195,12 @@ def load_peft(
         if name not in mapping:
             raise ValueError(f"`mapping` has no entry for the PEFT module `{name}`.")
         module = modules.get(mapping[name])
-        if module is None or set(f) != {"A", "B"}:
+        dora = bool(config.get("use_dora", False))
+        if module is None or set(f) != ({"A", "B", "M"} if dora else {"A", "B"}):
             raise ValueError(
                 f"PEFT module `{name}`: no Linear, Conv or Embedding at "
-                f"`{mapping[name]}`, or an incomplete pair of factors."
+                f"`{mapping[name]}`, or an incomplete set of factors (`use_dora` "
+                "needs `lora_magnitude_vector` too)."
             )
         weight = module.weight
         weight = weight.weight if isinstance(weight, LoraArray) else weight
@@ -185,6 +212,10 @@ def load_peft(
                 b=jnp.asarray(b, weight.dtype),
                 alpha=_alpha(config, name),
                 rslora=bool(config.get("use_rslora", False)),
+                magnitude=(
+                    jnp.asarray(f["M"].reshape(-1), weight.dtype) if dora else None
+                ),
+                dora_axis=_dora_axis(module),
             )
         except ValueError as e:
             raise ValueError(f"PEFT module `{name}` does not fit: {e}") from None
@@ -213,7 +244,8 @@ def save_peft(
     - `directory`: the folder to write (created if needed).
     - `model`: a model with adapters on `eqx.nn.Linear`, `eqx.nn.Conv` (not grouped)
         and `eqx.nn.Embedding` layers, not stacked (no batch axes); all with the
-        same scaling mode (PEFT's `use_rslora` is global).
+        same scaling mode (PEFT's `use_rslora` is global), and all DoRA or none
+        (`use_dora` likewise; the magnitude is written as `lora_magnitude_vector`).
     - `mapping`: `{PEFT module name: quaxlora module path}`, as for `load_peft`,
         covering every adapted module.
     - `base_model_name_or_path`, `task_type`: recorded in the config, as PEFT does.
@@ -250,6 +282,10 @@ def save_peft(
             )
             tensors[f"{PREFIX}{name}.{ka}"] = A
             tensors[f"{PREFIX}{name}.{kb}"] = B
+            if leaf.magnitude is not None:
+                tensors[f"{PREFIX}{name}{_MAGNITUDE}"] = _peft_magnitude(
+                    p, module, leaf
+                )
             targets[name] = leaf
         elif isinstance(leaf, Trainable):
             mp = next(
@@ -278,6 +314,8 @@ def save_peft(
         )
     if len({x.rslora for x in targets.values()}) != 1:
         raise ValueError("PEFT needs one scaling mode: mixed `rslora` adapters.")
+    if len({x.magnitude is None for x in targets.values()}) != 1:
+        raise ValueError("PEFT's `use_dora` is global: mixed LoRA and DoRA adapters.")
     first = next(iter(targets.values()))
     r, alpha = first.rank, first.alpha
     exact = lambda n: "^" + re.escape(n)  # PEFT matches `(.*\.)?(key)$`
@@ -298,7 +336,7 @@ def save_peft(
         "lora_dropout": 0.0,
         "fan_in_fan_out": False,
         "bias": "none",
-        "use_dora": False,
+        "use_dora": first.magnitude is not None,
         "init_lora_weights": True,
     }
     directory = os.fspath(directory)

@@ -56,11 +56,12 @@ def lora_contract(
     if set(sl) <= set(xl):
         x = scale_along(x, list(xl), scale, sl)
         return _lora_contract(x, xl, lora, out, **dot_kwargs)
-    # The product sums over a stacked weight's batch axis and keeps the DoRA axis:
-    # the rescaling is per term of that sum, so neither side can carry it.
+    # The product contracts some of the scale's axes (a stacked weight's batch axis,
+    # or the DoRA axis) and keeps others: neither side carries all of them.
     raise TypeError(
-        "quaxlora cannot compute a `dot_general` that sums over the batch axis of a "
-        "stacked DoRA `LoraArray` in factored form; `quaxlora.merge` the model first."
+        "quaxlora cannot compute this `dot_general` with a stacked DoRA `LoraArray` "
+        "in factored form (it contracts the stack axis or the DoRA axis but not "
+        "both); `quaxlora.merge` the model first."
     )
 
 
