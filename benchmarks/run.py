@@ -591,6 +591,7 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results", help="output folder")
     parser.add_argument("--no-peft", action="store_true", help="skip PyTorch/PEFT")
     parser.add_argument("--no-scan", action="store_true", help="skip 6 vs 24 blocks")
+    parser.add_argument("--no-dora", action="store_true", help="skip DoRA vs LoRA")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else Config()
     key = jr.key(0)
@@ -600,7 +601,15 @@ def main(argv=None):
     results["gpt"] = run_model("GPT", gpt_task(cfg, key), cfg, key)
     results["scan"] = {} if args.no_scan else run_scan(cfg, key)
     results["peft"] = None if args.no_peft else run_peft(cfg)
+    if not args.no_dora:
+        from benchmarks import dora
+
+        results["dora"] = dora.run_all(
+            sys.modules[__name__], cfg, key, with_peft=not args.no_peft
+        )
     table = fmt_table(results, cfg)
+    if results.get("dora"):
+        table += "\n\n" + dora.fmt_table(results["dora"])
     print("\n" + table)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

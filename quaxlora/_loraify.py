@@ -191,7 +191,7 @@ def loraify(
             b=b,
             use_dora=use_dora,
             # PEFT's DoRA norms an embedding table per feature column.
-            dora_axis=1 if isinstance(node, eqx.nn.Embedding) else 0,
+            dora_axis=int(use_dora and isinstance(node, eqx.nn.Embedding)),
             init=init,
         )
         leaves[i] = eqx.tree_at(lambda m: m.weight, node, lora)

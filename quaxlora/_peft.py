@@ -215,7 +215,7 @@ def load_peft(
                 magnitude=(
                     jnp.asarray(f["M"].reshape(-1), weight.dtype) if dora else None
                 ),
-                dora_axis=_dora_axis(module),
+                dora_axis=_dora_axis(module) if dora else 0,
             )
         except ValueError as e:
             raise ValueError(f"PEFT module `{name}` does not fit: {e}") from None
