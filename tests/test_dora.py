@@ -345,3 +345,41 @@ def test_no_weight_sized_temporary():
         assert extra == [], (shape, extra)
     temp = lambda c: c.memory_analysis().temp_size_in_bytes
     assert temp(dora) - temp(lora) < 384 * 256 * 4 / 4, (temp(dora), temp(lora))
+
+
+def test_stacked_embedding_and_conv_in_scan(getkey):
+    """Layer stacks (`filter_vmap`) of embeddings and convolutions under `lax.scan`,
+    one magnitude per layer: values and gradients against the dense reference."""
+    k = jr.split(getkey(), 3)
+    embs = eqx.filter_vmap(lambda k: eqx.nn.Embedding(7, 5, key=k))(k)
+    convs = eqx.filter_vmap(lambda k: eqx.nn.Conv1d(2, 2, 3, padding=1, key=k))(k)
+    model = ql.loraify(
+        (embs, convs),
+        rank=2,
+        key=getkey(),
+        where=[eqx.nn.Embedding, eqx.nn.Conv],
+        use_dora=True,
+    )
+    trainable, frozen = ql.partition(model)
+    key = getkey()
+    trainable = jax.tree_util.tree_map(
+        lambda x: x + 0.3 * jr.normal(jr.fold_in(key, x.size), x.shape), trainable
+    )
+    ids = jnp.array([1, 6, 2])
+
+    def run(model):
+        def body(h, layers):
+            emb, conv = layers
+            h = h + jax.vmap(emb)(ids).T[:2, :3].sum(0)
+            return jnp.tanh(h + conv(jnp.stack([h, -h]))[0]), None
+
+        return jax.lax.scan(body, jnp.ones(3), model)[0]
+
+    is_lora = lambda x: isinstance(x, ql.LoraArray)
+    to_dense = lambda m: jax.tree_util.tree_map(
+        lambda x: dense(x) if is_lora(x) else x, m, is_leaf=is_lora
+    )
+    got = lambda t: jnp.sum(jnp.sin(quax.quaxify(run)(eqx.combine(t, frozen))))
+    want = lambda t: jnp.sum(jnp.sin(run(to_dense(eqx.combine(t, frozen)))))
+    assert_tree_allclose(got(trainable), want(trainable), **TOL)
+    assert_tree_allclose(jax.grad(got)(trainable), jax.grad(want)(trainable), **TOL)
