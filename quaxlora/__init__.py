@@ -9,6 +9,7 @@ from ._adapters import (
     unmerge as unmerge,
     with_adapters as with_adapters,
 )
+from ._init import residual_to_lora as residual_to_lora
 from ._io import load_adapters as load_adapters, save_adapters as save_adapters
 from ._lora_array import LoraArray as LoraArray
 from ._loraify import loraify as loraify

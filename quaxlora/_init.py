@@ -82,3 +82,61 @@ def init_factors(
         a, b = r[..., :rank, :], q[..., :, :rank]
     a = a.reshape((*batch, rank, *rest)).astype(dtype)
     return _residual(weight, a, b.astype(dtype), scaling, batch_ndim)
+
+
+def residual_to_lora(model: Any, initial: Any) -> Any:
+    """Turn PiSSA / OLoRA adapters into plain LoRA adapters on the original weights.
+
+    A PiSSA or OLoRA adapter is trained on the residual base `w - s·b₀@a₀` that
+    `loraify` made. This rewrites each such target exactly as PEFT's
+    `path_initial_model_for_weight_conversion` does: the base becomes the original
+    weight `w = (w - s·b₀@a₀) + s·b₀@a₀` again, and the adapter the rank-`2r` LoRA
+    `s·b@a - s·b₀@a₀` (`a' = [a; a₀]`, `b' = [s·b, -s·b₀]`, scaling 1), so the model
+    computes the same function (up to rounding) while its adapter now fits the
+    original base — to save and share with `save_adapters` / `save_peft`. A DoRA
+    magnitude is kept (the direction `V` is unchanged). Other targets are left as
+    they are.
+
+    **Arguments:**
+
+    - `model`: the trained model (or any model with the adapters).
+    - `initial`: the model as `loraify` returned it, or its `quaxlora.adapters`: the
+        initial factors `a₀`, `b₀`.
+
+    **Returns:**
+
+    `model` on the original base weights, with plain LoRA adapters of twice the rank
+    where it had PiSSA / OLoRA ones.
+    """
+    from ._adapters import adapted_leaves, model_leaves, replace_leaves
+    from ._dora import replace
+    from ._lora_array import _dense_weight, LoraArray
+
+    start = adapted_leaves(initial)
+    new = {}
+    for p, x in model_leaves(model).items():
+        if not isinstance(x, LoraArray) or x.init not in RESIDUAL:
+            continue
+        x0 = start.get(p)
+        if not isinstance(x0, LoraArray) or x0.a.shape != x.a.shape:
+            raise ValueError(f"`initial` has no initial adapter of `{p}`'s shape.")
+        n = x.batch_ndim
+        w = _dense_weight(x.weight)
+        d0 = _residual(w, x0.a, -x0.b, x0.scaling, n)[0]  # w + s·b₀@a₀
+        dtype = x.a.dtype
+        a = jnp.concatenate([x.a, x0.a.astype(dtype)], axis=n)
+        b = jnp.concatenate(
+            [x.scaling * x.b, -x0.scaling * x0.b.astype(dtype)], axis=n + 1
+        ).astype(dtype)
+        new[p] = replace(
+            x,
+            weight=d0,
+            a=a,
+            b=b,
+            rank=2 * x.rank,
+            alpha=float(2 * x.rank),
+            rslora=False,
+            norm=None,
+            init="default",
+        )
+    return replace_leaves(model, new)

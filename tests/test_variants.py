@@ -136,3 +136,31 @@ def test_loraplus(getkey, schedule):
     # Any optimiser, with its own options.
     adamw = ql.loraplus(optax.adamw, 1e-3, weight_decay=0.1)
     adamw.update(grads, adamw.init(trainable), trainable)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_residual_to_lora(getkey, tmp_path, init):
+    """A trained PiSSA / OLoRA model, converted: the same function, on the original
+    base weights, with an adapter file that loads onto the original model."""
+    net = _net(getkey())
+    start = ql.loraify(
+        net, rank=2, key=getkey(), where=["conv", "fc"], init=init, use_dora=True
+    )
+    trainable, frozen = ql.partition(start)
+    key = getkey()
+    trainable = jax.tree_util.tree_map(
+        lambda x: x + 0.3 * jr.normal(jr.fold_in(key, x.size), x.shape), trainable
+    )
+    trained = eqx.combine(trainable, frozen)
+    plain = ql.residual_to_lora(trained, ql.adapters(start))
+    want = quax.quaxify(trained)(*ARGS)
+    assert_tree_allclose(quax.quaxify(plain)(*ARGS), want, **TOL)
+    for layer in ("conv", "fc"):
+        lora = getattr(plain, layer).weight
+        assert (lora.rank, lora.scaling, lora.init) == (4, 1.0, "default")
+        assert_tree_allclose(lora.weight, getattr(net, layer).weight, **TOL)
+    ql.save_adapters(tmp_path / "plain.safetensors", plain)
+    loaded = ql.load_adapters(tmp_path / "plain.safetensors", net)
+    assert_tree_allclose(quax.quaxify(loaded)(*ARGS), want, **TOL)
+    with pytest.raises(ValueError, match="initial adapter"):
+        ql.residual_to_lora(trained, ql.adapters(ql.loraify(net, rank=1, key=key)))
