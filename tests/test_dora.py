@@ -383,3 +383,14 @@ def test_stacked_embedding_and_conv_in_scan(getkey):
     want = lambda t: jnp.sum(jnp.sin(run(to_dense(eqx.combine(t, frozen)))))
     assert_tree_allclose(got(trainable), want(trainable), **TOL)
     assert_tree_allclose(jax.grad(got)(trainable), jax.grad(want)(trainable), **TOL)
+
+
+@pytest.mark.parametrize("transform", ["checkpoint", "cond", "jit"])
+def test_transforms(getkey, transform):
+    f = lambda w, x: jnp.tanh(w @ x)
+    g = {
+        "checkpoint": lambda w, x: jax.checkpoint(f)(w, x),
+        "cond": lambda w, x: lax.cond(x[0] > -10, f, lambda w, x: -f(w, x), w, x),
+        "jit": lambda w, x: jax.jit(f)(w, x),
+    }[transform]
+    _check(g, _lora(getkey(), (5, 4)), jr.normal(getkey(), (4,)))
