@@ -71,7 +71,9 @@ class LoraArray(quax.ArrayValue):
     rslora: bool = eqx.field(static=True)
     stop_gradient: bool = eqx.field(static=True)
     allow_materialise: bool = eqx.field(static=True)
-    magnitude: Array | None
+    magnitude: Array | None  # DoRA's trained magnitude; None for plain LoRA
+    # DoRA norms carried by a slice of a DoRA array (those of the whole array, which
+    # the slice alone cannot compute); None: computed from the factors when needed.
     norm: Array | None
     dora_axis: int = eqx.field(static=True)
     init: str = eqx.field(static=True)
