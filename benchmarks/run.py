@@ -596,6 +596,7 @@ def main(argv=None):
         action="store_true",
         help="also 8 adapters in one batch (benchmarks/multi_adapter.py)",
     )
+    parser.add_argument("--no-dora", action="store_true", help="skip DoRA vs LoRA")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else Config()
     key = jr.key(0)
@@ -609,11 +610,19 @@ def main(argv=None):
 
         results["multi_adapter"] = multi_adapter.run(cfg, key)
     results["peft"] = None if args.no_peft else run_peft(cfg)
+    if not args.no_dora:
+        from benchmarks import dora
+
+        results["dora"] = dora.run_all(
+            sys.modules[__name__], cfg, key, with_peft=not args.no_peft
+        )
     table = fmt_table(results, cfg)
     if "multi_adapter" in results:
         from benchmarks import multi_adapter
 
         table += "\n\n" + multi_adapter.fmt(results["multi_adapter"])
+    if results.get("dora"):
+        table += "\n\n" + dora.fmt_table(results["dora"])
     print("\n" + table)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,11 @@ from ._adapters import (
     with_adapters as with_adapters,
 )
 from ._dropout import set_dropout_key as set_dropout_key
+from ._init import residual_to_lora as residual_to_lora
 from ._io import load_adapters as load_adapters, save_adapters as save_adapters
 from ._lora_array import LoraArray as LoraArray
 from ._loraify import loraify as loraify
+from ._loraplus import loraplus as loraplus
 from ._merge import merge as merge, unloraify as unloraify
 from ._peft import load_peft as load_peft, save_peft as save_peft
 from ._stack import (

@@ -57,6 +57,9 @@ def _fit(p: str, ad: Any, old: Any) -> Any:
             allow_materialise=ad.allow_materialise,
             dropout=ad.dropout,
             batch_ndim=ad.batch_ndim,
+            magnitude=ad.magnitude,
+            dora_axis=ad.dora_axis,
+            init=ad.init,
         )
     except ValueError as e:
         raise ValueError(f"`adapters` at `{p}` do not fit the model: {e}") from None
@@ -169,6 +172,11 @@ def _combine(p: str, leaves: list[Any], weights: list[float]) -> Any:
     (dtype,) = dtypes
     if isinstance(leaves[0], Trainable):
         return Trainable(sum(w * x.array for w, x in zip(weights, leaves)))
+    if any(x.magnitude is not None for x in leaves):
+        raise ValueError(
+            f"Cannot combine the DoRA adapters at `{p}`: DoRA rescales by the norm "
+            "of the whole weight, so its updates do not add up."
+        )
     n = leaves[0].batch_ndim
     if any(
         x.batch_ndim != n
@@ -219,7 +227,9 @@ def unmerge(merged: PyTree, adapters: PyTree) -> PyTree:
     Where `delta` is much larger than `w` the *relative* error in `w` can be large;
     keep the base weights if you need them bit for bit. `Trainable` arrays
     (`modules_to_save`) replaced the base arrays entirely, so they cannot be
-    unmerged: they are left as they are in `merged`.
+    unmerged: they are left as they are in `merged`. Neither can DoRA adapters
+    (the merged weight's norms are the magnitude, whatever the base was): they
+    raise a `ValueError`.
 
     **Arguments:**
 
@@ -235,6 +245,12 @@ def unmerge(merged: PyTree, adapters: PyTree) -> PyTree:
     for p, ad in adapted_leaves(adapters).items():
         if not isinstance(ad, LoraArray):
             continue
+        if ad.magnitude is not None:
+            raise ValueError(
+                f"Cannot unmerge the DoRA adapter at `{p}`: a merged DoRA weight has "
+                "row norms equal to the magnitude, whatever the base weight was, so "
+                "the base cannot be recovered from it. Keep the base weights."
+            )
         w = leaves.get(p)
         if w is None or tuple(w.shape) != tuple(ad.b.shape[:-1]) + tuple(
             ad.a.shape[ad.batch_ndim + 1 :]

@@ -14,7 +14,8 @@ import numpy as np
 from jaxtyping import PyTree
 
 from ._adapters import adapted_leaves, model_leaves, replace_leaves
-from ._lora_array import LoraArray
+from ._init import RESIDUAL
+from ._lora_array import _dense_weight, LoraArray
 from ._stacked import StackedLoraArray
 from ._train import Trainable
 
@@ -185,10 +186,13 @@ def save_adapters(path: str | os.PathLike, model: PyTree) -> None:
 
     Written: the factors `a` and `b` of every `LoraArray` (keyed `"<path>.a"` and
     `"<path>.b"`, with `<path>` the dotted path of the adapted weight, e.g.
-    `"layers.0.weight"`) and every `Trainable` array (`modules_to_save`, trained
-    biases; keyed by its path). The metadata records, per target, the rank, alpha,
-    scaling mode (rsLoRA or not), batch axes and the base weight's shape and dtype,
-    plus the list of targets, the library version and the file format version.
+    `"layers.0.weight"`), the DoRA magnitude where there is one (`"<path>.magnitude"`)
+    and every `Trainable` array (`modules_to_save`, trained biases; keyed by its
+    path). The metadata records, per target, the rank, alpha, scaling mode (rsLoRA
+    or not), batch axes, the base weight's shape and dtype, the DoRA axis and the
+    initialisation — for PiSSA and OLoRA, whose base is the residual weight, with a
+    fingerprint of that residual that `load_adapters` checks — plus the list of
+    targets, the library version and the file format version.
     Frozen weights are not written, so the file is a small fraction of the model.
 
     A model of stacked adapters (`quaxlora.stack_adapters`) is saved in one file:
@@ -233,6 +237,13 @@ def save_adapters(path: str | os.PathLike, model: PyTree) -> None:
                 weight_shape=None if leaf.weight is None else list(leaf.shape),
                 weight_dtype=None if leaf.weight is None else _dtype_name(leaf),
             )
+            if leaf.magnitude is not None:
+                tensors[p + ".magnitude"] = np.asarray(leaf.magnitude)
+                targets[p]["dora_axis"] = leaf.dora_axis
+            if leaf.init != "default":
+                targets[p]["init"] = leaf.init
+            if leaf.init in RESIDUAL and leaf.weight is not None:
+                targets[p]["base_fingerprint"] = fingerprint(leaf.weight)
         else:
             tensors[p] = np.asarray(leaf.array)
             trainable[p] = dict(shape=list(leaf.shape), dtype=_dtype_name(leaf))
@@ -288,6 +299,11 @@ def _stacked_ok(t: dict[str, Any]) -> bool:
         )
         and all(isinstance(r, bool) for r in rslora)
     )
+def fingerprint(weight: Any) -> list[float]:
+    """`[sum, sum of squares]` of a weight, in float64: enough to tell the residual
+    base a PiSSA / OLoRA adapter was made for from the original weight."""
+    x = np.asarray(_dense_weight(weight), np.float64)
+    return [float(x.sum()), float(np.square(x).sum())]
 
 
 def digest(tensors: dict[str, Any], metadata: dict[str, str]) -> str:
@@ -346,6 +362,9 @@ def _parse(path: str) -> tuple[dict, dict, dict]:
                 and _shape_or_none(t.get("weight_shape"))
                 and isinstance(t.get("weight_dtype"), (str, type(None)))
                 and _stacked_ok(t)
+                and (t.get("dora_axis") is None or _posint(t["dora_axis"], 0))
+                and isinstance(t.get("init", "default"), str)
+                and _floats_or_none(t.get("base_fingerprint"))
             ):
                 raise ValueError(p)
         for p, t in trainable.items():
@@ -354,6 +373,7 @@ def _parse(path: str) -> tuple[dict, dict, dict]:
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
         raise ValueError(f"`path` {path!r} has malformed metadata ({e!r}).") from None
     expected = {k for p in targets for k in (p + ".a", p + ".b")} | set(trainable)
+    expected |= {p + ".magnitude" for p, t in targets.items() if "dora_axis" in t}
     if set(tensors) != expected:
         extra = sorted(set(tensors) ^ expected)
         raise ValueError(
@@ -367,11 +387,19 @@ def _posint(x: Any, low: int = 1) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= low
 
 
+def _floats_or_none(x: Any) -> bool:
+    return x is None or (
+        isinstance(x, list)
+        and len(x) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x)
+    )
+
+
 def _shape_or_none(x: Any) -> bool:
     return x is None or (isinstance(x, list) and all(_posint(d, 0) for d in x))
 
 
-def _lora_from_file(p, t, a, b, old) -> Any:
+def _lora_from_file(p, t, a, b, old, magnitude=None) -> Any:
     """The new leaf for target `p`, or a string saying why it does not fit."""
     if "stacked" in t:
         return _stacked_from_file(p, t, a, b, old)
@@ -395,9 +423,19 @@ def _lora_from_file(p, t, a, b, old) -> Any:
         )
     if not (jnp.issubdtype(a.dtype, jnp.floating) and a.dtype == b.dtype):
         return f"factor dtypes {a.dtype}, {b.dtype} are not one floating dtype"
+    want = t.get("base_fingerprint")
+    if want is not None and not np.allclose(fingerprint(base), want, rtol=1e-4):
+        return (
+            f"the adapter was initialised with `init={t.get('init')!r}`, so it "
+            "belongs to the residual base weight `loraify` made (the original "
+            "minus the adapter's initial value), and this base weight is not it "
+            "(its sum and sum of squares differ). Load it onto the residual base"
+        )
     if isinstance(old, LoraArray):
         if old.rank != r:
             return f"rank {r} != the model's rank {old.rank}"
+        if (old.magnitude is None) != (magnitude is None):
+            return "one of the file and the model has a DoRA adapter, the other not"
         if old.a.dtype != a.dtype:
             return f"factor dtype {a.dtype} != the model's {old.a.dtype}"
     flags = {}
@@ -416,6 +454,9 @@ def _lora_from_file(p, t, a, b, old) -> Any:
             alpha=t["alpha"],
             rslora=t["rslora"],
             batch_ndim=n,
+            magnitude=None if magnitude is None else jnp.asarray(magnitude),
+            dora_axis=t.get("dora_axis") or 0,
+            init=t.get("init", "default"),
             **flags,
         )
     except ValueError as e:
@@ -536,7 +577,8 @@ def load_adapters(path, model, *, strict=True):
             result = "the model has no array at this path"
         elif p in targets:
             a, b = tensors[p + ".a"], tensors[p + ".b"]
-            result = _lora_from_file(p, targets[p], a, b, leaves[p])
+            m = tensors.get(p + ".magnitude")
+            result = _lora_from_file(p, targets[p], a, b, leaves[p], m)
         else:
             result = _trainable_from_file(tensors[p], leaves[p])
         if isinstance(result, str):

@@ -73,6 +73,12 @@ class LoraArray(quax.ArrayValue):
     allow_materialise: bool = eqx.field(static=True)
     dropout: float = eqx.field(static=True)
     dropout_key: Any
+    magnitude: Array | None  # DoRA's trained magnitude; None for plain LoRA
+    # DoRA norms carried by a slice of a DoRA array (those of the whole array, which
+    # the slice alone cannot compute); None: computed from the factors when needed.
+    norm: Array | None
+    dora_axis: int = eqx.field(static=True)
+    init: str = eqx.field(static=True)
 
     def __init__(
         self,
@@ -90,6 +96,10 @@ class LoraArray(quax.ArrayValue):
         key: PRNGKeyArray | None = None,
         a: Array | None = None,
         b: Array | None = None,
+        use_dora: bool = False,
+        magnitude: Array | None = None,
+        dora_axis: int = 0,
+        init: str = "default",
     ):
         """**Arguments:**
 
@@ -118,6 +128,19 @@ class LoraArray(quax.ArrayValue):
             given.
         - `a`, `b`: explicit factors, instead of the default initialisation
             (`a ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, `b = 0`).
+        - `use_dora`: DoRA (weight-decomposed LoRA): the array stands for
+            `m * V / norm(V)` with `V = w + scaling * b @ a`, the norm taken along
+            every non-batch axis but `dora_axis`, and `m` a trained magnitude,
+            initialised to `norm(V)` (so the array equals `V` at initialisation).
+        - `magnitude`: an explicit DoRA magnitude `m`, of shape
+            `(*batch, weight.shape[batch_ndim + dora_axis])`; implies `use_dora`.
+        - `dora_axis`: the (non-batch) weight axis that DoRA's magnitude runs
+            along: 0, the output axis, for a linear or convolution weight (PEFT's
+            convention); 1, the feature axis, for an `(vocab, dim)` embedding table.
+        - `init`: the name of the initialisation the factors came from (set by
+            `quaxlora.loraify`); `"pissa"` and `"olora"` mark an adapter whose
+            `weight` is the residual of the original weight, which adapter files
+            record.
         """
         shape = tuple(weight.shape)
         if not isinstance(batch_ndim, int) or batch_ndim < 0:
@@ -178,6 +201,33 @@ class LoraArray(quax.ArrayValue):
             raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
         self.dropout = float(dropout)
         self.dropout_key = dropout_key
+        self.norm = None
+        self.magnitude = None
+        core = len(shape) - batch_ndim
+        if isinstance(dora_axis, bool) or dora_axis not in range(core):
+            raise ValueError(
+                f"`dora_axis` must be a weight axis in `range({core})`, got "
+                f"{dora_axis!r}."
+            )
+        self.dora_axis = int(dora_axis)
+        self.init = init
+        if magnitude is None and use_dora:
+            from ._dora import dora_norm
+
+            magnitude = dora_norm(self).astype(a.dtype)
+        if magnitude is not None:
+            want = (*batch, shape[batch_ndim + self.dora_axis])
+            if tuple(magnitude.shape) != want:
+                raise ValueError(
+                    f"`magnitude` must have shape {want} for a weight of shape "
+                    f"{shape} (`batch_ndim={batch_ndim}`, `dora_axis={dora_axis}`); "
+                    f"got {tuple(magnitude.shape)}."
+                )
+            if not jnp.issubdtype(magnitude.dtype, jnp.floating):
+                raise ValueError(
+                    f"`magnitude` must be floating, got {magnitude.dtype}."
+                )
+            self.magnitude = magnitude
 
     @property
     def w(self) -> Any:
@@ -230,16 +280,32 @@ class LoraArray(quax.ArrayValue):
     def aval(self) -> jax.core.ShapedArray:
         return jax.core.ShapedArray(self.weight.shape, self.weight.dtype)
 
+    @property
+    def use_dora(self) -> bool:
+        """Whether this is a DoRA array (it has a `magnitude`)."""
+        return self.magnitude is not None
+
     def delta(self) -> Array:
-        """The dense update `scaling * b @ a`, in the weight's dtype."""
+        """The dense low-rank update `scaling * b @ a`, in the weight's dtype. (With
+        DoRA this is the update of the direction `V = w + delta`; `merged()` is the
+        weight the array stands for.)"""
         n = self.batch_ndim
         batch = tuple(range(n))
         d = lax.dot_general(self.b, self.a, (((n + 1,), (n,)), (batch, batch)))
         return (self.scaling * d).astype(self.dtype)
 
     def merged(self) -> Array:
-        """The dense array `w + scaling * b @ a`, regardless of `allow_materialise`."""
-        return (_dense_weight(self.w) + self.delta()).astype(self.dtype)
+        """The dense array `w + scaling * b @ a` (with DoRA, `m * V / norm(V)` for
+        that `V`), regardless of `allow_materialise`."""
+        v = _dense_weight(self.w) + self.delta()
+        if self.magnitude is not None:
+            from ._dora import dora_scale, scale_along
+
+            n = self.batch_ndim
+            labels = [f"W{i}" for i in range(self.ndim)]
+            sl = labels[:n] + [labels[n + self.dora_axis]]
+            v = scale_along(v, labels, dora_scale(self).astype(v.dtype), sl)
+        return v.astype(self.dtype)
 
     def materialise(self) -> Array:
         if self.allow_materialise:

@@ -10,7 +10,8 @@ import jax.tree_util as jtu
 import quax
 from jaxtyping import PRNGKeyArray, PyTree
 
-from ._lora_array import LoraArray
+from ._init import Init, init_factors
+from ._lora_array import _check_rank, LoraArray, scaling_for
 from ._paths import matches, name_matches, path_str, per_target, Where
 from ._train import is_adapted, Trainable
 
@@ -145,6 +146,8 @@ def loraify(
     dropout: float = 0.0,
     out_axis: int | Mapping[str, int] | None = None,
     fan_in_fan_out: bool | Mapping[str, bool] = False,
+    use_dora: bool = False,
+    init: Init = "default",
 ) -> PyTree:
     """Add LoRA adapters to an Equinox model.
 
@@ -211,6 +214,18 @@ def loraify(
         PEFT's (`a` random over the inputs, `b` zero), stored transposed: the
         `LoraArray` of an `(in, out)` weight has `b` of shape `(in, rank)` and `a` of
         shape `(rank, out)`. A bool, or a mapping `{pattern: bool}`.
+    - `use_dora`: DoRA (PEFT's `use_dora`): each adapted weight becomes
+        `m * V / norm(V)` with `V = w + scaling * b @ a`, the norm taken per output
+        unit (per row of a linear or convolution weight, per feature column of an
+        embedding table, as PEFT does) and `m` a trained magnitude initialised to
+        `norm(V)`. Computed in factored form; see the variants page.
+    - `init`: how the factors start (PEFT's `init_lora_weights`): `"default"`
+        (`a` uniform, `b = 0`), `"gaussian"` (`a ~ N(0, 1/rank²)`, `b = 0`),
+        `"pissa"` (the top-`rank` singular part of the weight, which becomes the
+        residual) or `"olora"` (the first `rank` columns of a QR decomposition,
+        likewise). The model's output is unchanged at initialisation in every case;
+        PiSSA and OLoRA adapters need the residual base weights the returned model
+        holds (adapter files record this).
 
     **Returns:**
 
@@ -299,9 +314,10 @@ def loraify(
     keys = jr.split(key, len(targets))
     adapters = {}
     for (p, obj, at, layout), k in zip(targets, keys):
+        r, al = _check_rank(per_target(rank, p, "rank")), per_target(alpha, p, "alpha")
         options = dict(
-            rank=per_target(rank, p, "rank"),
-            alpha=per_target(alpha, p, "alpha"),
+            rank=r,
+            alpha=al,
             rslora=rslora,
             stop_gradient=stop_gradient,
             allow_materialise=allow_materialise,
@@ -310,8 +326,32 @@ def loraify(
             key=k,
         )
         if isinstance(layout, dict):  # one of Equinox's layers: its layout is known
-            adapters[jtu.keystr(at)] = LoraArray(obj.weight, **layout, **options)
+            weight, a, b = init_factors(
+                init,
+                obj.weight,
+                rank=r,
+                scaling=scaling_for(r, al, rslora),
+                batch_ndim=layout["batch_ndim"],
+                dtype=dtype,
+                key=k,
+            )
+            adapters[jtu.keystr(at)] = LoraArray(
+                weight,
+                **layout,
+                **options,
+                a=a,
+                b=b,
+                use_dora=use_dora,
+                # PEFT's DoRA norms an embedding table per feature column.
+                dora_axis=int(use_dora and isinstance(obj, eqx.nn.Embedding)),
+                init=init,
+            )
             continue
+        if use_dora or init != "default":
+            raise ValueError(
+                f"`use_dora` and `init` apply to Equinox's layers only; `{p}` is "
+                "another module or a bare array (adapt it with the defaults)."
+            )
         weight = obj if layout == "bare" else obj.weight
         axis = _layout(out_axis, p)
         transposed = bool(_layout(fan_in_fan_out, p))

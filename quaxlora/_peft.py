@@ -32,6 +32,14 @@ _LORA_KEYS = {
     ".lora_embedding_B": "B",
 }
 _KINDS = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.Embedding)
+# DoRA: PEFT's magnitude vector, `(out,)` for Linear, `(1, out, 1, ...)` for Conv,
+# `(embedding_dim,)` for Embedding (PEFT norms an embedding table per feature).
+_MAGNITUDE = ".lora_magnitude_vector"
+
+
+def _dora_axis(module: Any) -> int:
+    """The weight axis PEFT's DoRA magnitude runs along, in quaxlora's layout."""
+    return 1 if isinstance(module, eqx.nn.Embedding) else 0
 
 
 def _modules(model: PyTree) -> dict[str, Any]:
@@ -48,7 +56,6 @@ def _check_config(config: Any, directory: str) -> None:
             "(`peft_type` must be 'LORA')."
         )
     unsupported = [
-        ("use_dora", False),
         ("fan_in_fan_out", False),
         ("lora_bias", False),
         ("target_parameters", None),
@@ -106,7 +113,9 @@ def _peft_keys(tensors: dict, config: dict) -> tuple[dict, dict, dict]:
             raise ValueError(f"PEFT tensor `{key}` does not start with {PREFIX!r}.")
         key = key[len(PREFIX) :]
         suffix = next((s for s in _LORA_KEYS if key.endswith(s)), None)
-        if suffix is not None:
+        if key.endswith(_MAGNITUDE):
+            factors.setdefault(key[: -len(_MAGNITUDE)], {})["M"] = x
+        elif suffix is not None:
             factors.setdefault(key[: -len(suffix)], {})[_LORA_KEYS[suffix]] = x
         elif "lora_" in key:
             raise ValueError(f"PEFT tensor `{key}` is of a kind quaxlora cannot load.")
@@ -126,6 +135,19 @@ def _peft_keys(tensors: dict, config: dict) -> tuple[dict, dict, dict]:
                 f"PEFT tensor `{key}`: the file has no LoRA factors for `{module}`."
             )
     return factors, based, plain
+
+
+def _peft_magnitude(p: str, module: Any, leaf: LoraArray) -> np.ndarray:
+    """A DoRA magnitude in PEFT's layout; PEFT norms along one fixed axis."""
+    if leaf.dora_axis != _dora_axis(module):
+        raise ValueError(
+            f"Cannot save the DoRA adapter at `{p}` for PEFT: its magnitude runs "
+            f"along axis {leaf.dora_axis}, PEFT's along axis {_dora_axis(module)}."
+        )
+    m = np.asarray(leaf.magnitude)
+    if isinstance(module, eqx.nn.Conv):
+        return m.reshape((1, -1) + (1,) * (leaf.ndim - 2))
+    return m
 
 
 def _wrapped(key: str, to_save: Any) -> tuple[str, str | None, str]:
@@ -248,10 +270,12 @@ def load_peft(directory: str | os.PathLike, model: PyTree, mapping: NameMap) -> 
         new[path] = _trainable(key, x, leaves.get(path))
     for name, f in factors.items():
         module = modules.get(names[name])
-        if module is None or set(f) != {"A", "B"}:
+        dora = bool(config.get("use_dora", False))
+        if module is None or set(f) != ({"A", "B", "M"} if dora else {"A", "B"}):
             raise ValueError(
                 f"PEFT module `{name}`: no Linear, Conv or Embedding at "
-                f"`{names[name]}`, or an incomplete pair of factors."
+                f"`{names[name]}`, or an incomplete set of factors (`use_dora` "
+                "needs `lora_magnitude_vector` too)."
             )
         if not selected(config, name):
             raise ValueError(
@@ -274,6 +298,11 @@ def load_peft(directory: str | os.PathLike, model: PyTree, mapping: NameMap) -> 
                 b=jnp.asarray(b, weight.dtype),
                 alpha=_alpha(config, name),
                 rslora=bool(config.get("use_rslora", False)),
+                magnitude=(
+                    jnp.asarray(f["M"].reshape(-1), weight.dtype) if dora else None
+                ),
+                dora_axis=_dora_axis(module) if dora else 0,
+                dropout=float(config.get("lora_dropout") or 0.0),
             )
         except ValueError as e:
             raise ValueError(f"PEFT module `{name}` does not fit: {e}") from None
@@ -357,6 +386,9 @@ def save_peft(
         )
         tensors[f"{PREFIX}{named[mp]}.{ka}"] = A
         tensors[f"{PREFIX}{named[mp]}.{kb}"] = B
+        if leaf.magnitude is not None:
+            m = _peft_magnitude(p, modules[mp], leaf)
+            tensors[f"{PREFIX}{named[mp]}{_MAGNITUDE}"] = m
         targets[named[mp]] = leaf
     bias = "lora_only" if based else "none"
     for p in based:
@@ -379,6 +411,8 @@ def save_peft(
         )
     if len({x.rslora for x in targets.values()}) != 1:
         raise ValueError("PEFT needs one scaling mode: mixed `rslora` adapters.")
+    if len({x.magnitude is None for x in targets.values()}) != 1:
+        raise ValueError("PEFT's `use_dora` is global: mixed LoRA and DoRA adapters.")
     first = next(iter(targets.values()))
     r, alpha = first.rank, first.alpha
     exact = lambda n: "^" + re.escape(n)  # PEFT matches `(.*\.)?(key)$`
@@ -396,10 +430,10 @@ def save_peft(
             exact(n): x.alpha for n, x in targets.items() if x.alpha != alpha
         },
         "modules_to_save": to_save or None,
-        "lora_dropout": 0.0,
+        "lora_dropout": first.dropout,
         "fan_in_fan_out": False,
         "bias": bias,
-        "use_dora": False,
+        "use_dora": first.magnitude is not None,
         "init_lora_weights": True,
     }
     directory = os.fspath(directory)

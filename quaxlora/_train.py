@@ -39,7 +39,10 @@ def is_adapted(x: Any) -> bool:
 def _spec(x: Any) -> Any:
     if isinstance(x, (LoraArray, StackedLoraArray)):
         spec = jtu.tree_map(lambda _: False, x)
-        return eqx.tree_at(lambda l: (l.a, l.b), spec, (True, True))
+        spec = eqx.tree_at(lambda l: (l.a, l.b), spec, (True, True))
+        if x.magnitude is not None:  # DoRA's magnitude is trained too
+            spec = eqx.tree_at(lambda l: l.magnitude, spec, True)
+        return spec
     return isinstance(x, Trainable)
 
 
@@ -49,8 +52,9 @@ def trainable_spec(model: PyTree) -> PyTree[bool]:
     A per-leaf predicate cannot tell a LoRA factor from the frozen weight beside it
     (both are plain arrays), so this takes the whole model and returns a pytree of
     bools of the same structure, for `eqx.partition` / `eqx.filter`: `True` on the
-    `a` and `b` of every `LoraArray` (and `StackedLoraArray`) and on every
-    `Trainable` array (`modules_to_save`, trained biases); `False` everywhere else.
+    `a` and `b` (and the DoRA `magnitude`) of every `LoraArray` (and
+    `StackedLoraArray`) and on every `Trainable` array (`modules_to_save`, trained
+    biases); `False` everywhere else.
 
     **Arguments:**
 
@@ -133,7 +137,8 @@ def count_parameters(model: PyTree) -> ParameterCount:
     """Count trainable and total parameters of a (loraified) model, exactly.
 
     A `LoraArray` contributes `w.size + a.size + b.size` to the total and
-    `a.size + b.size` to the trainable count; a `Trainable` array counts in full in
+    `a.size + b.size` to the trainable count (plus the DoRA magnitude's size to
+    both); a `Trainable` array counts in full in
     both; every other array counts as frozen.
 
     **Arguments:**
@@ -147,7 +152,7 @@ def count_parameters(model: PyTree) -> ParameterCount:
     per_module: dict[str, tuple[int, int]] = {}
     for path, leaf in jtu.tree_leaves_with_path(model, is_leaf=is_adapted):
         if isinstance(leaf, (LoraArray, StackedLoraArray)):
-            t = _size(leaf.a) + _size(leaf.b)
+            t = _size(leaf.a) + _size(leaf.b) + _size(getattr(leaf, "magnitude", None))
             n = t + sum(_size(x) for x in jtu.tree_leaves(leaf.weight))
         elif isinstance(leaf, Trainable):
             t = n = _size(leaf.array)

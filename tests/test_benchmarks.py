@@ -29,4 +29,10 @@ def test_quick_benchmark_suite(tmp_path):
             assert r[figure]
     table = (tmp_path / "results.md").read_text()
     assert "frozen floor" in table and "| gpt | train step" in table
+    # DoRA rows: the norms add rank-sized work only (a few percent of FLOPs here).
+    for name in ("mlp", "gpt"):
+        d = results["dora"][name]
+        lora, dora = d["lora_cost"]["flops"], d["dora_cost"]["flops"]
+        assert lora < dora < 1.25 * lora
+    assert "DoRA ÷ LoRA" in table
     assert (tmp_path / "results.png").stat().st_size > 10_000

@@ -153,7 +153,6 @@ def _edited(tmp_path, src="peft_adapter", **fields):
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("use_dora", True),
         ("fan_in_fan_out", True),
         ("lora_bias", True),
         ("target_parameters", ["experts.gate_up_proj"]),

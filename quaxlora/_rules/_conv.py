@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import quax
 from jaxtyping import ArrayLike
 
+from .._dora import dora_scale, replace, scale_along
 from .._lora_array import is_value, LoraArray
 from ._contract import bind, contract
 from ._frozen import apply_frozen
@@ -162,6 +163,24 @@ def _factored(x, lora: LoraArray, params) -> Any:
     return (base + delta.astype(base.dtype)).astype(base.dtype)
 
 
+def _dora_factored(x, lora: LoraArray, params) -> Any:
+    """DoRA, factored: the convolution with `V = w + s·b⊗a`, rescaled per output
+    channel (or its input rescaled per input channel, for the "in" orientation),
+    or None when the magnitude's axis is not a feature axis of the kernel."""
+    lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+    orientation, d = _orientation(lora, params), lora.dora_axis
+    scale = dora_scale(lora)
+    if d == 0 and orientation == "out":
+        y = _factored(x, lora, params)
+        labels = [f"Y{i}" for i in range(y.ndim)]
+        return scale_along(y, labels, scale, [labels[out_spec[1]]])
+    if d == 0 and orientation == "in":
+        labels = [f"X{i}" for i in range(x.ndim)]
+        x = scale_along(x, labels, scale, [labels[lhs_spec[1]]])
+        return _factored(x, lora, params)
+    return None
+
+
 @quax.register(lax.conv_general_dilated_p)
 def _(lhs: ArrayLike | quax.ArrayValue, rhs: LoraArray, **params) -> Any:
     plan = _plan(lhs.shape, rhs, _out_shape(lhs, rhs, params), params)
@@ -176,7 +195,12 @@ def _(lhs: ArrayLike | quax.ArrayValue, rhs: LoraArray, **params) -> Any:
             )
         return _factored(lhs, rhs, params)
     if plan.plan == "factored":
-        return _factored(lhs, rhs, params)
+        if rhs.magnitude is None:
+            return _factored(lhs, rhs, params)
+        out = _dora_factored(lhs, rhs, params)
+        if out is not None:
+            return out
+    # The delta kernel (with DoRA, `m·V/‖V‖` itself: `merged` is kernel-sized).
     return _delta(lhs, rhs, params)
 
 
@@ -251,4 +275,17 @@ def _(operand: LoraArray, *, dimensions) -> LoraArray:
     w = bind(lambda w: lax.rev(w, dims), operand.weight)
     a = rev(operand.a, [d for d in dims if d != n])
     b = rev(operand.b, [d for d in dims if d <= n])
-    return _replace(operand, weight=w, a=a, b=b)
+    if operand.magnitude is None:
+        return _replace(operand, weight=w, a=a, b=b)
+    # DoRA: the magnitude (and a carried norm) reverse with their axis.
+    axis = n + operand.dora_axis
+    kept = [d for d in dims if d < n] + ([n] if axis in dims else [])
+    flip = lambda m: None if m is None else rev(m, kept)
+    return replace(
+        operand,
+        weight=w,
+        a=a,
+        b=b,
+        magnitude=flip(operand.magnitude),
+        norm=flip(operand.norm),
+    )

@@ -16,6 +16,7 @@ import jax.lax as lax
 import quax
 from jaxtyping import ArrayLike
 
+from .._dora import dora_scale, scale_along, scale_labels
 from .._lora_array import is_value, LoraArray
 from ._contract import contract, transpose_to
 from ._factored import factored_product, forward, Spec
@@ -41,7 +42,32 @@ def lora_contract(
     x: Any, xl: list[str], lora: LoraArray, out: list[str], **dot_kwargs
 ) -> Any:
     """`einsum(x, lora -> out)` in factored form: `x·w + (x·a)·(s·b)` (or through `b`
-    first when the output axis of `w` is contracted)."""
+    first when the output axis of `w` is contracted). With DoRA, `W = V·diag(m/‖V‖)`
+    along one axis of `V = w + s·b⊗a`: the result of the product with `V` is
+    rescaled along that axis when it survives in `out`; otherwise (it is
+    contracted) `x` is, before the product."""
+    if lora.magnitude is None:
+        return _lora_contract(x, xl, lora, out, **dot_kwargs)
+    sl = scale_labels(lora, lora_labels(lora)[0])
+    scale = dora_scale(lora)
+    if set(sl) <= set(out):
+        y = _lora_contract(x, xl, lora, out, **dot_kwargs)
+        return scale_along(y, list(out), scale, sl)
+    if set(sl) <= set(xl):
+        x = scale_along(x, list(xl), scale, sl)
+        return _lora_contract(x, xl, lora, out, **dot_kwargs)
+    # The product contracts some of the scale's axes (a stacked weight's batch axis,
+    # or the DoRA axis) and keeps others: neither side carries all of them.
+    raise TypeError(
+        "quaxlora cannot compute this `dot_general` with a stacked DoRA `LoraArray` "
+        "in factored form (it contracts the stack axis or the DoRA axis but not "
+        "both); `quaxlora.merge` the model first."
+    )
+
+
+def _lora_contract(
+    x: Any, xl: list[str], lora: LoraArray, out: list[str], **dot_kwargs
+) -> Any:
     wl, al, bl, batch = lora_labels(lora)
     a = lora.a.astype(lora.dtype)
     b = lora.b.astype(lora.dtype)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import quax
 from jaxtyping import ArrayLike
 
+from .._dora import dora_scale, replace, with_norm
 from .._lora_array import LoraArray
 from ._contract import bind, contract
 from ._structural import _replace
@@ -83,7 +84,21 @@ def _(
         sizes[axis] = 1
         valid = gather(ones, tuple(sizes), fill_value=0)
         delta = jnp.where(valid > 0, delta, jnp.zeros((), delta.dtype))
-    return (base + delta.astype(base.dtype)).astype(base.dtype)
+    out = (base + delta.astype(base.dtype)).astype(base.dtype)
+    if lora.magnitude is None:
+        return out
+    # DoRA: rescale along the magnitude's axis — the whole axis, at output position
+    # `p`, or the gathered one, whose scales are gathered with the same indices
+    # (fill 1: an out-of-bounds slice keeps the base's fill value).
+    scale = dora_scale(lora).astype(out.dtype)
+    if lora.dora_axis == axis:
+        shape = [1] * out.ndim
+        shape[p] = scale.shape[0]
+        return out * scale.reshape(shape)
+    scale = jnp.expand_dims(scale, axis)
+    sizes = list(slice_sizes)
+    sizes[axis] = 1
+    return out * gather(scale, tuple(sizes), fill_value=1)
 
 
 def _factor_axes(lora: LoraArray, axes: list, full: Any) -> tuple[list, list]:
@@ -91,6 +106,13 @@ def _factor_axes(lora: LoraArray, axes: list, full: Any) -> tuple[list, list]:
     out, rank); the rank axis is taken whole (`full`)."""
     n = lora.batch_ndim
     return axes[:n] + [full] + axes[n + 1 :], axes[: n + 1] + [full]
+
+
+def _magnitude_axes(lora: LoraArray, axes: list) -> list:
+    """Per-axis slicing of `w` mapped onto a DoRA magnitude `(*batch, size)`. The
+    norms are those of the whole array: slice only after `with_norm`."""
+    n = lora.batch_ndim
+    return axes[:n] + [axes[n + lora.dora_axis]]
 
 
 @quax.register(lax.dynamic_slice_p)
@@ -111,7 +133,12 @@ def _(operand: LoraArray, *starts: ArrayLike, slice_sizes) -> LoraArray:
         *starts,
     )
     a, b = dslice(operand.a, a_axes), dslice(operand.b, b_axes)
-    return _replace(operand, weight=w, a=a, b=b)
+    if operand.magnitude is None:
+        return _replace(operand, weight=w, a=a, b=b)
+    m_axes = _magnitude_axes(operand, axes)
+    operand = with_norm(operand)
+    m, norm = dslice(operand.magnitude, m_axes), dslice(operand.norm, m_axes)
+    return replace(operand, weight=w, a=a, b=b, magnitude=m, norm=norm)
 
 
 @quax.register(lax.slice_p)
@@ -130,19 +157,40 @@ def _(operand: LoraArray, *, start_indices, limit_indices, strides) -> LoraArray
         ),
         operand.weight,
     )
-    return _replace(operand, weight=w, a=sl(operand.a, a_axes), b=sl(operand.b, b_axes))
+    a, b = sl(operand.a, a_axes), sl(operand.b, b_axes)
+    if operand.magnitude is None:
+        return _replace(operand, weight=w, a=a, b=b)
+    m_axes = _magnitude_axes(operand, axes)
+    operand = with_norm(operand)
+    m, norm = sl(operand.magnitude, m_axes), sl(operand.norm, m_axes)
+    return replace(operand, weight=w, a=a, b=b, magnitude=m, norm=norm)
 
 
 @quax.register(lax.squeeze_p)
 def _(operand: LoraArray, *, dimensions) -> Any:
     n, dims = operand.batch_ndim, tuple(dimensions)
     rest_left = operand.ndim - n - 1 - sum(d > n for d in dims)
-    if n not in dims and rest_left >= 1:
+    axis = n + operand.dora_axis
+    dora = operand.magnitude is not None
+    if n not in dims and rest_left >= 1 and not (dora and axis in dims):
         w = bind(lambda w: lax.squeeze(w, dims), operand.weight)
         # Batch or rest axes only: squeeze them from the factors alike.
         a = lax.squeeze(operand.a, tuple(d for d in dims if d != n))
         b = lax.squeeze(operand.b, tuple(d for d in dims if d < n))
-        return _replace(operand, weight=w, a=a, b=b)
+        if not dora:
+            return _replace(operand, weight=w, a=a, b=b)
+        # DoRA: squeezing size-1 axes leaves the norms as they are.
+        batch = tuple(d for d in dims if d < n)
+        sq = lambda m: None if m is None else lax.squeeze(m, batch)
+        return replace(
+            operand,
+            weight=w,
+            a=a,
+            b=b,
+            magnitude=sq(operand.magnitude),
+            norm=sq(operand.norm),
+            dora_axis=operand.dora_axis - sum(n < d < axis for d in dims),
+        )
     # Dropping the output axis (size 1) or the last other axis leaves no LoRA form:
     # the result, `w[0] + s·b[0]@a`, is computed at its own (= the weight's) size.
     return lax.squeeze(operand.merged(), dims)

@@ -14,6 +14,7 @@ import quax
 from jax._src.ad_checkpoint import remat_p
 from jaxtyping import ArrayLike
 
+from .._dora import replace
 from .._lora_array import LoraArray
 from ._contract import bind
 
@@ -45,7 +46,20 @@ def _(operand: LoraArray, *, permutation) -> Any:
         b = jnp.transpose(operand.a, (*batch_perm, n + 1, n))
     else:
         return LoraArray.default(lax.transpose_p, [operand], dict(permutation=perm))
-    return _replace(operand, weight=w, a=a, b=b)
+    if operand.magnitude is None:
+        return _replace(operand, weight=w, a=a, b=b)
+    # DoRA: the magnitude (and a carried norm) follow their axis; norms over the
+    # other axes are unchanged by permuting them.
+    move = lambda m: None if m is None else jnp.transpose(m, (*batch_perm, n))
+    return replace(
+        operand,
+        weight=w,
+        a=a,
+        b=b,
+        magnitude=move(operand.magnitude),
+        norm=move(operand.norm),
+        dora_axis=core.index(operand.dora_axis),
+    )
 
 
 @quax.register(lax.convert_element_type_p)
