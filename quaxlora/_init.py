@@ -100,7 +100,7 @@ def residual_to_lora(model: Any, initial: Any) -> Any:
     **Arguments:**
 
     - `model`: the trained model (or any model with the adapters).
-    - `initial`: the model as `loraify` returned it, or its `quaxlora.adapters`: the
+    - `initial`: the model as `loraify` returned it, or its adapters `quaxlora.partition(model)[0]`: the
         initial factors `a₀`, `b₀`.
 
     **Returns:**
