@@ -14,6 +14,11 @@ from ._lora_array import LoraArray as LoraArray
 from ._loraify import loraify as loraify
 from ._merge import merge as merge, unloraify as unloraify
 from ._peft import load_peft as load_peft, save_peft as save_peft
+from ._quantised import (
+    quantise as quantise,
+    QuantisedArray as QuantisedArray,
+    stored_bytes as stored_bytes,
+)
 from ._rules._conv import conv_plan as conv_plan, ConvPlan as ConvPlan
 from ._train import (
     count_parameters as count_parameters,

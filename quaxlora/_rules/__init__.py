@@ -4,5 +4,6 @@ from . import (
     _dot_general as _dot_general,
     _gather as _gather,
     _jit as _jit,
+    _quantised as _quantised,
     _structural as _structural,
 )
