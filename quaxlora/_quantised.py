@@ -324,6 +324,7 @@ def quantise(
 
     def convert(path, node):
         p = path_str(path)
+        name = f"{p}.weight" if p else "weight"
         if not is_module(node) or not matches(where, p, node):
             return node
         if exclude is not None and matches(exclude, p, node):
@@ -332,8 +333,8 @@ def quantise(
         lora = w if isinstance(w, LoraArray) else None
         base = w.weight if lora is not None else w
         if isinstance(base, QuantisedArray):
-            raise ValueError(f"`{p}.weight` is already quantised.")
-        _check_weight(base, f"{p}.weight")
+            raise ValueError(f"`{name}` is already quantised.")
+        _check_weight(base, name)
         nb = base.ndim - _core_ndim(node)
         q = quantise_array(base, kind, batch_ndim=nb, **kw)
         if lora is not None:
