@@ -282,7 +282,8 @@ def quantise(
         embedding lookup dequantises only the rows it reads when `block_size` divides
         the row length; otherwise it dequantises the whole table.
     - `where`: which layers to quantise, in the forms `loraify` takes. Default: every
-        `eqx.nn.Linear`, `Conv`, `ConvTranspose` and `Embedding`.
+        `eqx.nn.Linear`, `Conv`, `ConvTranspose` and `Embedding`. A weight trained in
+        full (a `quaxlora.Trainable`, from `modules_to_save`) is never quantised.
     - `exclude`: layers to leave alone, in the same forms.
     - `double_quant`: store the block scales in 8 bits against one float32 scale per
         256 blocks (rounded up, so a block's scale still covers it), as QLoRA does.
@@ -330,6 +331,8 @@ def quantise(
         if exclude is not None and matches(exclude, p, node):
             return node
         w = node.weight
+        if isinstance(w, Trainable):
+            return node  # trained in full (`modules_to_save`): never quantised
         lora = w if isinstance(w, LoraArray) else None
         base = w.weight if lora is not None else w
         if isinstance(base, QuantisedArray):

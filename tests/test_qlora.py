@@ -406,3 +406,33 @@ def test_memory(getkey):
         # the backward would add at least 2 layers' worth for 2 more blocks.
         layer = 12 * 256 * 256 * 4
         assert temps[4] - temps[2] < layer, (temps, layer)
+
+
+def test_peft_files_of_a_qlora_model(tmp_path):
+    import os
+
+    from quaxlora._io import read_safetensors
+
+    from .fixtures.make_peft_fixtures import eqx_base, HERE, MAPPING, ours
+
+    base = eqx_base(read_safetensors(os.path.join(HERE, "base.safetensors"))[0])
+    io = read_safetensors(os.path.join(HERE, "io.safetensors"))[0]
+    model = ql.quantise(ours(base), "nf4", block_size=8)
+    # The files hold the adapters only: the same as the unquantised model's.
+    ql.save_peft(tmp_path / "q", model, MAPPING)
+    ql.save_peft(tmp_path / "plain", ours(base), MAPPING)
+    got = read_safetensors(tmp_path / "q" / "adapter_model.safetensors")[0]
+    want = read_safetensors(tmp_path / "plain" / "adapter_model.safetensors")[0]
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    loaded = ql.load_peft(
+        tmp_path / "q", ql.quantise(base, "nf4", block_size=8), MAPPING
+    )
+
+    def run(m):
+        f = jax.vmap(quax.quaxify(m))
+        return f(jnp.asarray(io["tokens"]), jnp.asarray(io["image"]))
+
+    assert_tree_allclose(run(loaded), run(model), **F32)
+    assert ql.count_parameters(loaded).total == ql.count_parameters(ours(base)).total
