@@ -62,7 +62,7 @@ def code_values(kind: str) -> np.ndarray:
     return (np.arange(-levels, levels + 1) / levels).astype(np.float32)
 
 
-def _bits(kind: str) -> int:
+def code_bits(kind: str) -> int:
     return 8 if kind == "int8" else 4
 
 
@@ -92,7 +92,7 @@ def _pack(q: Array) -> Array:
     return q[..., 0] | (q[..., 1] << 4)
 
 
-def _unpack(p: Array) -> Array:
+def unpack_nibbles(p: Array) -> Array:
     return jnp.stack([p & 15, p >> 4], axis=-1).reshape(*p.shape[:-1], -1)
 
 
@@ -145,7 +145,7 @@ class QuantisedArray(quax.ArrayValue):
 
     def flat_codes(self) -> Array:
         """The code of every (padded) element, `(*batch, n)`."""
-        return _unpack(self.codes) if _bits(self.kind) == 4 else self.codes
+        return unpack_nibbles(self.codes) if code_bits(self.kind) == 4 else self.codes
 
     def materialise(self) -> Array:
         """The dequantised weight, `code[q] · absmax[block]`, in `dtype`."""
@@ -189,7 +189,7 @@ def quantise_array(
 ) -> QuantisedArray:
     """Quantise one weight; the leading `batch_ndim` axes are kept (one set of blocks
     per matrix of a layer stack). Checks as `quantise` does, naming no path."""
-    bits = _bits(kind)
+    bits = code_bits(kind)
     batch, core = tuple(w.shape[:batch_ndim]), tuple(w.shape[batch_ndim:])
     size = math.prod(core)
     n = _padded_size(size, block_size, bits)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import quax
 from jaxtyping import ArrayLike
 
-from .._quantised import _bits, _unpack, dequantise_blocks, QuantisedArray
+from .._quantised import code_bits, dequantise_blocks, QuantisedArray, unpack_nibbles
 
 
 def _dequantised(fn, *args) -> Any:
@@ -84,7 +84,7 @@ def _rows(q: QuantisedArray, sizes) -> tuple[Any, Any] | None:
     if q.batch_shape or len(q.core_shape) != 2 or q.perm != (0, 1):
         return None
     rows, dim = q.core_shape
-    if sizes[1] != dim or dim % q.block_size or dim * _bits(q.kind) % 8:
+    if sizes[1] != dim or dim % q.block_size or dim * code_bits(q.kind) % 8:
         return None
     codes = q.codes.reshape(rows, -1)  # no padding: the table is whole blocks
     return codes, q.block_scales().reshape(rows, dim // q.block_size)
@@ -93,7 +93,7 @@ def _rows(q: QuantisedArray, sizes) -> tuple[Any, Any] | None:
 def _dequantise_rows(q: QuantisedArray, codes, scales, axis: int):
     """Dequantise gathered codes and scales whose row-content axis is `axis`."""
     codes, scales = jnp.moveaxis(codes, axis, -1), jnp.moveaxis(scales, axis, -1)
-    codes = _unpack(codes) if _bits(q.kind) == 4 else codes
+    codes = unpack_nibbles(codes) if code_bits(q.kind) == 4 else codes
     values = dequantise_blocks(codes, scales, q).astype(q.compute_dtype)
     return jnp.moveaxis(values, -1, axis)
 
