@@ -263,11 +263,17 @@ def main(
     say(f"retrieval accuracy, pretrained:        {acc_before:6.1%}")
     say(f"retrieval accuracy, LoRA (rank {rank}):    {acc_lora:6.1%}")
     if quantise is not None:
-        say(f"retrieval accuracy, {quantise} base:        {qlora['acc_qbase']:6.1%}")
-        say(f"retrieval accuracy, QLoRA {quantise}:    {qlora['acc_qlora']:6.1%}")
+        for label, k in (
+            (f"{quantise} base", "acc_qbase"),
+            (f"QLoRA {quantise}", "acc_qlora"),
+        ):
+            say(f"{'retrieval accuracy, ' + label + ':':<38} {qlora[k]:6.1%}")
     if full:
         say(f"retrieval accuracy, full fine-tuning:  {acc_full:6.1%}")
     say(f"LoRA loss: {lora_losses[0]:.3f} -> {np.mean(lora_losses[-10:]):.3f}")
+    if quantise is not None:
+        q_losses = qlora["qlora_losses"]
+        say(f"QLoRA loss: {q_losses[0]:.3f} -> {np.mean(q_losses[-10:]):.3f}")
     say(f"{counts}")
     say(
         f"adapter file: {adapter_bytes / 2**20:.2f} MiB vs model weights "
