@@ -346,8 +346,8 @@ def build(task, cfg, key):
     )
     # QLoRA: the same adapters over an NF4 base (every linear and embedding)
     qlora = ql.quantise(lora, "nf4")
-    qlarrays, qlstatic = eqx.partition(qlora, eqx.is_array)
-    qltrain, qlfrozen = eqx.partition(qlarrays, ql.is_trainable(qlora))
+    qltrain, qlrest = ql.partition(qlora)
+    qlfrozen, qlstatic = eqx.partition(qlrest, eqx.is_array)
     qlora_step = Variant(
         make_lora_step(loss, qlstatic, opt),
         (qltrain, opt.init(qltrain), qlfrozen, x, y),

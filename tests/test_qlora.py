@@ -376,8 +376,8 @@ def test_stored_bytes(getkey):
 def _step_memory(model, tokens):
     from benchmarks.run import make_lora_step
 
-    arrays, static = eqx.partition(model, eqx.is_array)
-    trainable, frozen = eqx.partition(arrays, ql.is_trainable(model))
+    trainable, rest = ql.partition(model)
+    frozen, static = eqx.partition(rest, eqx.is_array)
 
     def loss(model, x, y):
         logits = jax.vmap(model)(x)
