@@ -344,6 +344,16 @@ def build(task, cfg, key):
         (0, 1),
         2,
     )
+    # QLoRA: the same adapters over an NF4 base (every linear and embedding)
+    qlora = ql.quantise(lora, "nf4")
+    qltrain, qlrest = ql.partition(qlora)
+    qlfrozen, qlstatic = eqx.partition(qlrest, eqx.is_array)
+    qlora_step = Variant(
+        make_lora_step(loss, qlstatic, opt),
+        (qltrain, opt.init(qltrain), qlfrozen, x, y),
+        (0, 1),
+        2,
+    )
     # quax's own example
     qmodel = quax_example_loraify(model, exclude, kq)
     qarrays, qstatic = eqx.partition(qmodel, eqx.is_array)
@@ -376,6 +386,8 @@ def build(task, cfg, key):
         ql=ql_step,
         qx=qx_step,
         floor=floor,
+        qlora=qlora_step,
+        frozen_bytes=dict(lora=ql.stored_bytes(lora), qlora=ql.stored_bytes(qlora)),
         infer=infer,
         shapes=linear_shapes(model, exclude),
         extra=extra,
@@ -393,11 +405,11 @@ def build(task, cfg, key):
 def run_model(name, task, cfg, key):
     print(f"\n## {name}", flush=True)
     b = build(task, cfg, key)
-    steps = [b["full"], b["ql"], b["qx"], b["floor"]]
-    names = ("full", "quaxlora", "quax_example", "floor")
+    steps = [b["full"], b["ql"], b["qx"], b["floor"], b["qlora"]]
+    names = ("full", "quaxlora", "quax_example", "floor", "qlora")
     for v in steps + b["infer"]:
         v.compile()
-    res = {}
+    res = dict(frozen_bytes=b["frozen_bytes"])
     for label, v in zip(names, steps):
         res[f"step_{label}"] = v.cost()
     for label, v in zip(("base", "unmerged", "merged", "quax_example"), b["infer"]):
@@ -487,6 +499,18 @@ def fmt_table(results, cfg):
             f"{ffl / 1e9:.2f} | quaxlora ÷ floor: "
             f"{st['quaxlora'] / st['floor']:.3f}× | — | — |"
         )
+        if "qlora" in st:
+            bl, bq, bf = (
+                r[f"step_{k}"]["bytes"] for k in ("quaxlora", "qlora", "full")
+            )
+            fb = r["frozen_bytes"]
+            lines.append(
+                f"| {name} | QLoRA (NF4 base): step, s (ratio to LoRA); XLA memory, "
+                f"MiB (ratio to LoRA, to full); frozen base, MiB | — | "
+                f"{st['qlora']:.4f} ({sr['qlora'] / sr['quaxlora']:.3f}×); "
+                f"{bq / 2**20:.1f} ({bq / bl:.3f}×, {bq / bf:.3f}×); "
+                f"{fb['qlora'] / 2**20:.1f} (LoRA: {fb['lora'] / 2**20:.1f}) | — | — |"
+            )
         it, ir = r["infer_time"], r["infer_ratio"]
         lines.append(
             f"| {name} | inference unmerged, s (ratio to base) | {it['base']:.4f} | "

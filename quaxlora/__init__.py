@@ -16,6 +16,11 @@ from ._loraify import loraify as loraify
 from ._loraplus import loraplus as loraplus
 from ._merge import merge as merge, unloraify as unloraify
 from ._peft import load_peft as load_peft, save_peft as save_peft
+from ._quantised import (
+    quantise as quantise,
+    QuantisedArray as QuantisedArray,
+    stored_bytes as stored_bytes,
+)
 from ._stack import (
     select_adapter as select_adapter,
     stack_adapters as stack_adapters,

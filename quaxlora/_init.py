@@ -100,8 +100,8 @@ def residual_to_lora(model: Any, initial: Any) -> Any:
     **Arguments:**
 
     - `model`: the trained model (or any model with the adapters).
-    - `initial`: the model as `loraify` returned it, or its adapters `quaxlora.partition(model)[0]`: the
-        initial factors `a₀`, `b₀`.
+    - `initial`: the model as `loraify` returned it, or its adapters
+        (`quaxlora.partition(initial)[0]`): the initial factors `a₀`, `b₀`.
 
     **Returns:**
 

@@ -1,6 +1,7 @@
 """Back to plain Equinox models: fold adapters in, or drop them."""
 
 import jax.tree_util as jtu
+import quax
 from jaxtyping import PyTree
 
 from ._lora_array import LoraArray
@@ -12,8 +13,9 @@ def merge(model: PyTree) -> PyTree:
     """Fold every adapter into its weight, for serving.
 
     Each `LoraArray` becomes the plain array `w + scaling * b @ a` in the base
-    weight's dtype (a quax-valued base, e.g. a quantised one, is materialised), and
-    each `Trainable` becomes its array. The result is an ordinary Equinox model: call
+    weight's dtype (a quax-valued base, e.g. a quantised one, is materialised),
+    each `Trainable` becomes its array, and any other quax value (a quantised weight
+    without an adapter) is materialised. The result is an ordinary Equinox model: call
     it directly, without `quax.quaxify`, at the cost of the base model.
 
     **Arguments:**
@@ -35,9 +37,12 @@ def merge(model: PyTree) -> PyTree:
             return x.merged()
         if isinstance(x, Trainable):
             return x.array
+        if isinstance(x, quax.Value):
+            return x.materialise()
         return x
 
-    return jtu.tree_map(_merge, model, is_leaf=is_adapted)
+    is_leaf = lambda x: is_adapted(x) or isinstance(x, quax.Value)
+    return jtu.tree_map(_merge, model, is_leaf=is_leaf)
 
 
 def unloraify(model: PyTree) -> PyTree:

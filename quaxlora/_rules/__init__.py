@@ -5,5 +5,6 @@ from . import (
     _gather as _gather,
     _jit as _jit,
     _reshape as _reshape,
+    _quantised as _quantised,
     _structural as _structural,
 )

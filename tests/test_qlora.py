@@ -1,0 +1,441 @@
+"""QLoRA: `QuantisedArray`, `quantise`, and LoRA over a quantised base."""
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import numpy as np
+import optax
+import pytest
+import quax
+
+import quaxlora as ql
+from quaxlora._quantised import code_values, NF4_CODE
+
+from .helpers import assert_tree_allclose
+from .models import GPT, ResNet
+
+
+F32 = dict(rtol=1e-5, atol=1e-5)
+_is_q = lambda x: isinstance(x, ql.QuantisedArray)
+
+
+def _dequantised(model):
+    """`model` with every `QuantisedArray` replaced by its dequantised array."""
+    return jtu.tree_map(
+        lambda x: x.materialise() if _is_q(x) else x, model, is_leaf=_is_q
+    )
+
+
+def _f32(model):
+    return jtu.tree_map(
+        lambda x: x.astype(jnp.float32) if eqx.is_inexact_array(x) else x, model
+    )
+
+
+def _nonzero_b(model, key):
+    """Every adapter with a random, non-zero `b`."""
+    is_lora = lambda x: isinstance(x, ql.LoraArray)
+    loras = [x for x in jtu.tree_leaves(model, is_leaf=is_lora) if is_lora(x)]
+    keys = jr.split(key, len(loras))
+    new = [
+        eqx.tree_at(lambda l: l.b, l, 0.3 * jr.normal(k, l.b.shape, l.b.dtype))
+        for l, k in zip(loras, keys)
+    ]
+    it = iter(new)
+    return jtu.tree_map(lambda x: next(it) if is_lora(x) else x, model, is_leaf=is_lora)
+
+
+# ------------------------------------------------------------------ numerics
+
+
+def _blocks(w, block_size):
+    flat = np.asarray(w, np.float64).reshape(-1)
+    n = -(-flat.size // block_size) * block_size
+    return np.pad(flat, (0, n - flat.size)).reshape(-1, block_size)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int4", "int8"])
+@pytest.mark.parametrize("shape", [(8, 16), (5, 7), (3, 2, 3, 3)])
+def test_nearest_code_and_error_bound(getkey, kind, shape):
+    w = jr.normal(getkey(), shape, jnp.float32)
+    q = ql.quantise(w, kind, block_size=16)
+    assert q.shape == shape and q.dtype == jnp.float32
+    code = code_values(kind).astype(np.float64)
+    blocks = _blocks(w, 16)
+    absmax = np.abs(blocks).max(axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(q.scales), absmax[:, 0], rtol=1e-7)
+    # numpy reference: nearest code of w / absmax, dequantised.
+    nearest = np.abs(blocks[..., None] / absmax[..., None] - code).argmin(-1)
+    ref = (code[nearest] * absmax).reshape(-1)[: w.size].reshape(shape)
+    dense = np.asarray(q.materialise(), np.float64)
+    np.testing.assert_allclose(dense, ref, rtol=1e-6, atol=1e-6)
+    half_gap = np.max(np.diff(code)) / 2
+    err = np.abs(dense - np.asarray(w)).reshape(-1)
+    bound = np.repeat(absmax[:, 0], 16)[: w.size] * half_gap
+    assert np.all(err <= bound * (1 + 1e-6) + 1e-7)
+
+
+def test_nf4_table_and_packing(getkey):
+    assert NF4_CODE.shape == (16,) and NF4_CODE[7] == 0 and NF4_CODE[-1] == 1
+    assert np.all(np.diff(NF4_CODE) > 0)
+    w = jr.normal(getkey(), (64, 32), jnp.float32)
+    q = ql.quantise(w, "nf4", block_size=64)
+    # Really 4 bits: two codes per byte, one float32 scale per 64 elements.
+    assert q.codes.dtype == jnp.uint8 and q.codes.shape == (64 * 32 // 2,)
+    assert q.scales.shape == (32,)
+    assert q.stored_bytes() == 64 * 32 // 2 + 4 * 32
+    assert q.stored_bytes() <= 0.15 * w.size * 4
+    i8 = ql.quantise(w, "int8", block_size=64)
+    assert i8.codes.dtype == jnp.int8 and i8.codes.shape == (64 * 32,)
+
+
+def test_padding_round_trip(getkey):
+    # 35 elements, block 16: the last block is padded, and dequantised exactly
+    # like a block holding only those 3 values.
+    w = jr.normal(getkey(), (5, 7), jnp.float32)
+    q = ql.quantise(w, "int8", block_size=16)
+    assert q.codes.shape == (48,) and q.scales.shape == (3,)
+    tail = ql.quantise(w.reshape(-1)[32:], "int8", block_size=16)
+    np.testing.assert_array_equal(
+        np.asarray(q.materialise()).reshape(-1)[32:], np.asarray(tail.materialise())
+    )
+    # Values on the grid round-trip (to float rounding of `k / 7 · 7`).
+    grid = jnp.arange(-7.0, 8.0, dtype=jnp.float32).reshape(3, 5)
+    back = ql.quantise(grid, "int4", block_size=16).materialise()
+    np.testing.assert_allclose(back, grid, rtol=1e-6)
+
+
+def test_zero_block_has_no_nan():
+    w = jnp.zeros((4, 16), jnp.float32).at[0].set(1.0)
+    for kind in ("nf4", "int4", "int8"):
+        q = ql.quantise(w, kind, block_size=16, double_quant=True)
+        np.testing.assert_array_equal(q.materialise(), w)
+
+
+def test_double_quant(getkey):
+    w = jr.normal(getkey(), (96, 64), jnp.float32) * jnp.linspace(0.1, 3, 64)
+    q = ql.quantise(w, "nf4", block_size=16, double_quant=True)
+    assert q.scales.dtype == jnp.uint8 and q.scales2.dtype == jnp.float32
+    assert q.scales.shape == (384,) and q.scales2.shape == (2,)
+    scale = np.repeat(np.asarray(q.block_scales()), 16)
+    blocks_absmax = np.abs(_blocks(w, 16)).max(axis=1)
+    assert np.all(np.repeat(blocks_absmax, 16) <= scale * (1 + 1e-6))  # rounded up
+    err = np.abs(np.asarray(q.materialise()) - np.asarray(w)).reshape(-1)
+    half_gap = np.max(np.diff(NF4_CODE)) / 2
+    assert np.all(err <= scale * half_gap * (1 + 1e-6))
+    plain = ql.quantise(w, "nf4", block_size=16)
+    assert q.stored_bytes() < plain.stored_bytes()
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_input(getkey):
+    mlp = eqx.nn.MLP(4, 3, 8, 2, key=getkey())
+    with pytest.raises(ValueError, match=r"`kind` must be one of \('nf4', 'int4'"):
+        ql.quantise(mlp, "fp4")
+    for bs in (0, -4, 48, 2.0, True):
+        with pytest.raises(ValueError, match="`block_size` must be a positive power"):
+            ql.quantise(mlp, "nf4", block_size=bs)
+    bad = eqx.tree_at(
+        lambda m: m.layers[1].weight, mlp, mlp.layers[1].weight.at[0, 0].set(jnp.inf)
+    )
+    with pytest.raises(ValueError, match=r"non-finite value .* in `layers\.1\.weight`"):
+        ql.quantise(bad, "nf4")
+    ints = eqx.tree_at(lambda m: m.layers[2].weight, mlp, jnp.ones((3, 8), jnp.int32))
+    with pytest.raises(ValueError, match=r"`layers\.2\.weight` has dtype int32"):
+        ql.quantise(ints, "int8")
+    q = ql.quantise(mlp, "nf4")
+    with pytest.raises(ValueError, match=r"`layers\.0\.weight` is already quantised"):
+        ql.quantise(q, "nf4")
+
+
+# ------------------------------------------------------------------ rules
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda w, x: w @ x,  # (out, in) @ (in, n)
+        lambda w, x: x.T @ w.T,  # quantised on the right, transposed
+        lambda w, x: jnp.einsum("oi,in->no", w, x),
+        lambda w, x: lax.dot_general(x, w, (((0,), (1,)), ((), ()))),
+    ],
+)
+def test_dot_general(getkey, f):
+    w = jr.normal(getkey(), (8, 32), jnp.float32)
+    x = jr.normal(getkey(), (32, 3), jnp.float32)
+    q = ql.quantise(w, "nf4", block_size=16)
+    dense = q.materialise()
+    assert_tree_allclose(quax.quaxify(f)(q, x), f(dense, x), **F32)
+    loss = lambda x, w: jnp.sum(jnp.sin(f(w, x)))
+    g = jax.grad(quax.quaxify(loss))(x, q)
+    assert_tree_allclose(g, jax.grad(loss)(x, dense), **F32)
+    # Forward mode works through the checkpointed dequantisation.
+    t = jax.jvp(lambda x: quax.quaxify(f)(q, x), (x,), (jnp.ones_like(x),))
+    assert_tree_allclose(
+        t, jax.jvp(lambda x: f(dense, x), (x,), (jnp.ones_like(x),)), **F32
+    )
+
+
+def _float_sizes(jaxpr):
+    for e in jaxpr.eqns:
+        for v in e.outvars:
+            if jnp.issubdtype(v.aval.dtype, jnp.floating):
+                yield v.aval.size
+        for p in e.params.values():
+            if isinstance(p, jax.extend.core.ClosedJaxpr):
+                yield from _float_sizes(p.jaxpr)
+
+
+def test_embedding_reads_only_its_rows(getkey):
+    emb = eqx.nn.Embedding(50, 32, key=getkey())
+    q = ql.quantise(emb, "nf4", block_size=16)
+    dense = q.weight.materialise()
+    ids = jnp.array([3, 0, 49, 7])
+    for f in (
+        lambda e, ids: jax.vmap(e)(ids),
+        lambda e, ids: e(ids[0]),
+        lambda e, ids: e.weight[2:5],
+        lambda e, ids: jnp.take(e.weight, ids, axis=0, mode="fill", fill_value=-2.0),
+    ):
+        out = quax.quaxify(f)(q, ids)
+        assert_tree_allclose(
+            out, f(eqx.tree_at(lambda e: e.weight, q, dense), ids), **F32
+        )
+        # No floating array of the table's size (50 × 32) is ever formed.
+        jaxpr = jax.make_jaxpr(quax.quaxify(f))(q, ids)
+        assert max(_float_sizes(jaxpr.jaxpr)) < 50 * 32
+    oob = quax.quaxify(
+        lambda e: jnp.take(
+            e.weight, jnp.array([60]), axis=0, mode="fill", fill_value=-2.0
+        )
+    )(q)
+    np.testing.assert_array_equal(oob, -2.0 * np.ones((1, 32)))
+    # A row that is not whole blocks: the table is dequantised first, same values.
+    q2 = ql.quantise(emb, "nf4", block_size=64)
+    dense2 = q2.weight.materialise()
+    out = quax.quaxify(lambda e, ids: jax.vmap(e)(ids))(q2, ids)
+    assert_tree_allclose(out, dense2[ids], **F32)
+
+
+def test_transpose_and_convert(getkey):
+    w = jr.normal(getkey(), (2, 6, 4), jnp.float32)
+    q = ql.quantise(w, "int8", block_size=8)
+    dense = q.materialise()
+    f = lambda w: jnp.transpose(w, (0, 2, 1))
+    t = quax.quaxify(f)(q)  # lazy: still quantised
+    assert isinstance(t, ql.QuantisedArray) and t.shape == (2, 4, 6)
+    np.testing.assert_array_equal(t.materialise(), f(dense))
+    out = quax.quaxify(lambda w, x: f(w) @ x)(q, jnp.ones((6,)))
+    assert_tree_allclose(out, f(dense) @ jnp.ones((6,)), **F32)
+    b = quax.quaxify(lambda w, x: w.astype(jnp.bfloat16) @ x)(
+        q, jnp.ones((4,), jnp.bfloat16)
+    )
+    assert b.dtype == jnp.bfloat16
+    ref = dense.astype(jnp.bfloat16) @ jnp.ones((4,), jnp.bfloat16)
+    assert_tree_allclose(b, ref, rtol=1e-2, atol=1e-2)
+    q16 = ql.quantise(w, "nf4", compute_dtype=jnp.bfloat16)
+    assert q16.dtype == jnp.bfloat16 and q16.materialise().dtype == jnp.bfloat16
+
+
+# ------------------------------------------------------------------ QLoRA models
+
+
+def _gpt_pair(key, kind="nf4", before=True, **kw):
+    k1, k2, k3 = jr.split(key, 3)
+    base = _f32(GPT(key=k1, dim=32))
+    where = [eqx.nn.Linear, eqx.nn.Embedding]
+    if before:
+        model = ql.loraify(
+            ql.quantise(base, kind, block_size=16, **kw), rank=3, key=k2, where=where
+        )
+    else:
+        model = ql.quantise(
+            ql.loraify(base, rank=3, key=k2, where=where), kind, block_size=16, **kw
+        )
+    model = _nonzero_b(model, k3)
+    return model, _dequantised(model)
+
+
+def test_gpt_values_and_grads(getkey):
+    # Embedding lookups, a tied transposed head, stacked blocks under lax.scan,
+    # vmap over the batch, jit, grad and remat: QLoRA equals LoRA on the dequantised
+    # base.
+    qlora, ref = _gpt_pair(getkey())
+    tokens = jr.randint(getkey(), (2, 8), 0, 13)
+
+    def loss(model, tokens):
+        logits = jax.vmap(quax.quaxify(model))(tokens)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
+
+    @eqx.filter_jit
+    def value_and_grads(trainable, frozen):
+        f = lambda t: loss(eqx.combine(t, frozen), tokens)
+        ck = lambda t: eqx.filter_checkpoint(loss)(eqx.combine(t, frozen), tokens)
+        return jax.value_and_grad(f)(trainable), jax.grad(ck)(trainable)
+
+    # (The trees differ only in where the frozen base is: compare the leaves.)
+    leaves = lambda model: jtu.tree_leaves(value_and_grads(*ql.partition(model)))
+    assert_tree_allclose(leaves(qlora), leaves(ref), rtol=1e-4, atol=1e-5)
+
+
+def test_quantise_before_or_after_loraify(getkey):
+    a, _ = _gpt_pair(jr.key(3), before=True)
+    b, _ = _gpt_pair(jr.key(3), before=False)
+    assert eqx.tree_equal(a, b)
+    lora = b.blocks.attn.query_proj.weight
+    assert isinstance(lora.weight, ql.QuantisedArray) and lora.a.dtype == jnp.float32
+
+
+def test_conv_model(getkey):
+    base = _f32(ResNet(depth=1, key=getkey()))
+    q = ql.quantise(base, "int4", block_size=8, double_quant=True)
+    model = _nonzero_b(
+        ql.loraify(q, rank=2, key=getkey(), where=[eqx.nn.Conv2d, eqx.nn.Linear]),
+        getkey(),
+    )
+    ref = _dequantised(model)
+    x = jr.normal(getkey(), (2, 3, 8, 8), jnp.float32)
+
+    def loss(t, f):
+        return jnp.sum(jnp.tanh(jax.vmap(quax.quaxify(eqx.combine(t, f)))(x)) ** 2)
+
+    leaves = lambda m: jtu.tree_leaves(
+        jax.jit(jax.value_and_grad(loss))(*ql.partition(m))
+    )
+    assert_tree_allclose(leaves(model), leaves(ref), rtol=1e-4, atol=1e-5)
+
+
+def test_conv_transpose(getkey):
+    conv = _f32(eqx.nn.ConvTranspose1d(4, 6, 3, stride=2, key=getkey()))
+    model = _nonzero_b(
+        ql.loraify(
+            ql.quantise(conv, "nf4", block_size=8),
+            rank=2,
+            key=getkey(),
+            where=eqx.nn.ConvTranspose1d,
+        ),
+        getkey(),
+    )
+    ref = _dequantised(model)
+    x = jr.normal(getkey(), (4, 9), jnp.float32)
+    assert_tree_allclose(quax.quaxify(model)(x), quax.quaxify(ref)(x), **F32)
+
+
+def test_merge_and_requantise(getkey):
+    qlora, ref = _gpt_pair(getkey())
+    # `pos` is quantised but not adapted: merge dequantises it too.
+    qlora = eqx.tree_at(lambda m: m.pos, qlora, ql.unloraify(qlora.pos))
+    assert isinstance(qlora.pos.weight, ql.QuantisedArray)
+    merged = ql.merge(qlora)
+    is_value = lambda x: isinstance(x, quax.Value)
+    assert not any(is_value(x) for x in jtu.tree_leaves(merged, is_leaf=is_value))
+    tokens = jnp.arange(8) % 13
+    assert_tree_allclose(
+        merged(tokens), quax.quaxify(qlora)(tokens), rtol=1e-4, atol=1e-5
+    )
+    again = ql.quantise(merged, "nf4", block_size=16)
+    assert isinstance(again.embed.weight, ql.QuantisedArray)
+    del ref
+
+
+def test_save_load_adapters(getkey, tmp_path):
+    qlora, _ = _gpt_pair(getkey())
+    path = tmp_path / "a.safetensors"
+    ql.save_adapters(path, qlora)
+    fresh = ql.loraify(
+        ql.unloraify(qlora),
+        rank=3,
+        key=getkey(),
+        where=[eqx.nn.Linear, eqx.nn.Embedding],
+    )
+    loaded = ql.load_adapters(path, fresh)
+    assert eqx.tree_equal(loaded, qlora)
+
+
+def test_stored_bytes(getkey):
+    base = _f32(GPT(key=getkey(), dim=64, vocab=64))
+    qlora = ql.loraify(ql.quantise(base, "nf4"), rank=4, key=getkey())
+    quantised = [x for x in jtu.tree_leaves(qlora, is_leaf=_is_q) if _is_q(x)]
+    f32_bytes = sum(4 * q.size for q in quantised)
+    q_bytes = sum(q.stored_bytes() for q in quantised)
+    assert q_bytes <= 0.15 * f32_bytes
+    others = ql.stored_bytes(ql.unloraify(qlora)) - q_bytes  # norms, biases
+    assert ql.stored_bytes(qlora) == q_bytes + others
+    adapters = ql.count_parameters(qlora).trainable * 4
+    assert ql.stored_bytes(qlora, frozen_only=False) == q_bytes + others + adapters
+
+
+# ------------------------------------------------------------------ memory
+
+
+def _step_memory(model, tokens):
+    from benchmarks.run import make_lora_step
+
+    trainable, rest = ql.partition(model)
+    frozen, static = eqx.partition(rest, eqx.is_array)
+
+    def loss(model, x, y):
+        logits = jax.vmap(model)(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    opt = optax.sgd(0.1)
+    step = make_lora_step(loss, static, opt)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    args = (trainable, opt.init(trainable), frozen, x, y)
+    return jax.jit(step).lower(*args).compile().memory_analysis()
+
+
+def test_memory(getkey):
+    from benchmarks.models import GPT as BenchGPT
+
+    with jax.enable_x64(False):
+        tokens = jr.randint(getkey(), (1, 9), 0, 256)
+        temps = {}
+        for depth in (2, 4):
+            base = BenchGPT(256, 256, 4, depth, scan=True, key=getkey())
+            lora = ql.loraify(base, rank=8, key=getkey(), exclude="head")
+            qlora = ql.quantise(lora, "nf4")
+            m_lora, m_q = _step_memory(lora, tokens), _step_memory(qlora, tokens)
+            # The step's arguments: the frozen base is most of them.
+            ratio = m_q.argument_size_in_bytes / m_lora.argument_size_in_bytes
+            assert ratio <= 0.2, ratio
+            temps[depth] = m_q.temp_size_in_bytes
+        # Scanned blocks: one layer's dequantised weights at a time. Keeping them for
+        # the backward would add at least 2 layers' worth for 2 more blocks.
+        layer = 12 * 256 * 256 * 4
+        assert temps[4] - temps[2] < layer, (temps, layer)
+
+
+def test_peft_files_of_a_qlora_model(tmp_path):
+    import os
+
+    from quaxlora._io import read_safetensors
+
+    from .fixtures.make_peft_fixtures import eqx_base, HERE, MAPPING, ours
+
+    base = eqx_base(read_safetensors(os.path.join(HERE, "base.safetensors"))[0])
+    io = read_safetensors(os.path.join(HERE, "io.safetensors"))[0]
+    model = ql.quantise(ours(base), "nf4", block_size=8)
+    # The files hold the adapters only: the same as the unquantised model's.
+    ql.save_peft(tmp_path / "q", model, MAPPING)
+    ql.save_peft(tmp_path / "plain", ours(base), MAPPING)
+    got = read_safetensors(tmp_path / "q" / "adapter_model.safetensors")[0]
+    want = read_safetensors(tmp_path / "plain" / "adapter_model.safetensors")[0]
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    loaded = ql.load_peft(
+        tmp_path / "q", ql.quantise(base, "nf4", block_size=8), MAPPING
+    )
+
+    def run(m):
+        f = jax.vmap(quax.quaxify(m))
+        return f(jnp.asarray(io["tokens"]), jnp.asarray(io["image"]))
+
+    assert_tree_allclose(run(loaded), run(model), **F32)
+    assert ql.count_parameters(loaded).total == ql.count_parameters(ours(base)).total
