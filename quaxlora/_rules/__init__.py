@@ -4,7 +4,7 @@ from . import (
     _dot_general as _dot_general,
     _gather as _gather,
     _jit as _jit,
-    _reshape as _reshape,
     _quantised as _quantised,
+    _reshape as _reshape,
     _structural as _structural,
 )
