@@ -168,7 +168,8 @@ def _combine(p: str, leaves: list[Any], weights: list[float]) -> Any:
         )
     (dtype,) = dtypes
     if isinstance(leaves[0], Trainable):
-        return Trainable(sum(w * x.array for w, x in zip(weights, leaves)))
+        terms = (w * x.array for w, x in zip(weights, leaves))
+        return Trainable(sum(terms, start=jnp.zeros((), dtype)))
     n = leaves[0].batch_ndim
     if any(
         x.batch_ndim != n

@@ -400,7 +400,7 @@ def _lora_from_file(p, t, a, b, old) -> Any:
             return f"rank {r} != the model's rank {old.rank}"
         if old.a.dtype != a.dtype:
             return f"factor dtype {a.dtype} != the model's {old.a.dtype}"
-    flags = {}
+    flags: dict[str, Any] = {}
     if isinstance(old, LoraArray):
         flags = dict(
             stop_gradient=old.stop_gradient,
