@@ -171,7 +171,8 @@ def _combine(p: str, leaves: list[Any], weights: list[float]) -> Any:
         )
     (dtype,) = dtypes
     if isinstance(leaves[0], Trainable):
-        return Trainable(sum(w * x.array for w, x in zip(weights, leaves)))
+        terms = (w * x.array for w, x in zip(weights, leaves))
+        return Trainable(sum(terms, start=jnp.zeros((), dtype)))
     if any(x.magnitude is not None for x in leaves):
         raise ValueError(
             f"Cannot combine the DoRA adapters at `{p}`: DoRA rescales by the norm "

@@ -4,6 +4,7 @@ import math
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 from jaxtyping import PRNGKeyArray, PyTree
@@ -51,8 +52,8 @@ def set_dropout_key(model: PyTree, key: PRNGKeyArray | None) -> PyTree:
     if key is None:
         keys = [None] * len(loras)
     else:
-        if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-            key = jr.wrap_key_data(key)
+        raw = not jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+        key = jr.wrap_key_data(key) if raw else key
         keys = []
         for i, lora in enumerate(loras):
             k = jr.fold_in(key, i)

@@ -438,7 +438,7 @@ def _lora_from_file(p, t, a, b, old, magnitude=None) -> Any:
             return "one of the file and the model has a DoRA adapter, the other not"
         if old.a.dtype != a.dtype:
             return f"factor dtype {a.dtype} != the model's {old.a.dtype}"
-    flags = {}
+    flags: dict[str, Any] = {}
     if isinstance(old, LoraArray):
         flags = dict(
             stop_gradient=old.stop_gradient,

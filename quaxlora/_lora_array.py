@@ -3,6 +3,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.extend.core as jexc
 import jax.lax as lax
 import jax.numpy as jnp

@@ -295,7 +295,7 @@ def loraify(
         candidates.append(p)
         if not by_name or excluded:
             continue
-        if isinstance(node if not _is_module(node) else node.weight, LoraArray):
+        if isinstance(node.weight if isinstance(node, SUPPORTED) else node, LoraArray):
             raise ValueError(f"`{p}` already has a LoRA adapter.")
         if modules_to_save is not None and matches(modules_to_save, p, obj):
             if not explicit:

@@ -9,7 +9,7 @@ nobody has to list every module by hand.
 """
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 from jaxtyping import PyTree
@@ -93,7 +93,7 @@ def module_paths(model: PyTree) -> list[str]:
     return list(paths)
 
 
-def _listed(xs: Sequence[str], n: int = 10) -> str:
+def _listed(xs: Iterable[str], n: int = 10) -> str:
     xs = sorted(xs)
     more = f" and {len(xs) - n} more" if len(xs) > n else ""
     return f"{xs[:n]}{more}"

@@ -60,7 +60,8 @@ _JAX_GE_0_9_2 = _version("jax") >= (0, 9, 2)
 
 
 def _typeof(x: Any) -> Any:
-    return jax.typeof(x) if hasattr(jax, "typeof") else core.get_aval(x)
+    # `core.get_aval` is the name on older jax, which has no `jax.typeof`.
+    return jax.typeof(x) if hasattr(jax, "typeof") else core.get_aval(x)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def _ct_aval(aval: Any) -> Any:
@@ -102,7 +103,8 @@ def _wrap(trace: Any, value: Any) -> Any:
 def _values(trace: Any, outs: Sequence[Any]) -> list[Any]:
     """Quax values of a function's outputs (a symbolic zero becomes a zero array)."""
     outs = [
-        jnp.zeros(x.aval.shape, x.aval.dtype) if type(x) is SymbolicZero else x
+        # `SymbolicZero.aval` is typed `AbstractValue`; here it is a `ShapedArray`.
+        jnp.zeros(x.aval.shape, x.aval.dtype) if type(x) is SymbolicZero else x  # pyright: ignore[reportAttributeAccessIssue]
         for x in outs
     ]
     return [trace.to_value(x) for x in outs]
@@ -189,7 +191,7 @@ def _out_cts(
             cts.append(SymbolicZero(_ct_aval(aval)))
             continue
         part = [
-            jnp.zeros(x.aval.shape, x.aval.dtype) if type(x) is SymbolicZero else x
+            jnp.zeros(x.aval.shape, x.aval.dtype) if type(x) is SymbolicZero else x  # pyright: ignore[reportAttributeAccessIssue]
             for x in part
         ]
         cts.append(jtu.tree_unflatten(jtu.tree_structure(v), part))
@@ -250,7 +252,7 @@ def process_custom_vjp_call(
         out_tree, res_tree, _ = fwd_trees()
         return out_tree, res_tree, [None] * res_tree.num_leaves
 
-    params = dict(out_trees=trees, symbolic_zeros=symbolic_zeros)
+    params: dict[str, Any] = dict(out_trees=trees, symbolic_zeros=symbolic_zeros)
     if _JAX_GE_0_9_2:
         params["subfuns"] = (fun, fwd, bwd)
         outs = primitive.bind_with_trace(

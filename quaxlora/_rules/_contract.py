@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.core
 import jax.extend.core as jexc
 import jax.lax as lax
 import jax.numpy as jnp

@@ -96,6 +96,8 @@ def _plan(lhs_shape, lora: LoraArray, out_shape, params) -> ConvPlan:
     elif orientation == "in":
         # b is contracted with the (undilated) input pixels; a is an r-channel conv.
         extra = 2 * n * p_in * c_out * r + 2 * n * p_out * r * c_in * k
+    else:
+        extra = 0  # no factored plan
     if orientation is not None:
         forward["factored"] = base + extra
         # input cotangent (base + extra), cotangents of a and b (extra), and of w.
@@ -183,7 +185,7 @@ def _dora_factored(x, lora: LoraArray, params) -> Any:
 
 @quax.register(lax.conv_general_dilated_p)
 def _(lhs: ArrayLike | quax.ArrayValue, rhs: LoraArray, **params) -> Any:
-    plan = _plan(lhs.shape, rhs, _out_shape(lhs, rhs, params), params)
+    plan = _plan(jnp.shape(lhs), rhs, _out_shape(lhs, rhs, params), params)
     if rhs.dropout_active:
         # LoRA dropout acts on the adapter branch's input: only the factored plan
         # has one.
