@@ -29,11 +29,11 @@ from ._lora_array import _dense_weight, is_value, LoraArray
 
 
 def _dot(x, xl, y, yl, out):
-    from ._rules._contract import _dot, contract
+    from ._rules._contract import contract, dot
 
     if is_value(x) or is_value(y):  # a quantised base: dispatch again
         return contract(x, xl, y, yl, out)
-    return _dot(x, xl, y, yl, out, None, None)
+    return dot(x, xl, y, yl, out)
 
 
 def dora_norm(lora: LoraArray) -> Array:

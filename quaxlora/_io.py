@@ -299,6 +299,8 @@ def _stacked_ok(t: dict[str, Any]) -> bool:
         )
         and all(isinstance(r, bool) for r in rslora)
     )
+
+
 def fingerprint(weight: Any) -> list[float]:
     """`[sum, sum of squares]` of a weight, in float64: enough to tell the residual
     base a PiSSA / OLoRA adapter was made for from the original weight."""

@@ -315,7 +315,7 @@ def loraify(
     adapters = {}
     for (p, obj, at, layout), k in zip(targets, keys):
         r, al = _check_rank(per_target(rank, p, "rank")), per_target(alpha, p, "alpha")
-        options = dict(
+        options: dict[str, Any] = dict(
             rank=r,
             alpha=al,
             rslora=rslora,

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -312,8 +313,10 @@ def quantise(
     if kind not in KINDS:
         raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}.")
     block_size = _check_block_size(block_size)
-    kw = dict(
-        block_size=block_size, double_quant=double_quant, compute_dtype=compute_dtype
+    kw: dict[str, Any] = dict(
+        block_size=block_size,
+        double_quant=bool(double_quant),
+        compute_dtype=compute_dtype,
     )
     if eqx.is_array(model):
         _check_weight(model, "array")
@@ -334,7 +337,7 @@ def quantise(
         if isinstance(w, Trainable):
             return node  # trained in full (`modules_to_save`): never quantised
         lora = w if isinstance(w, LoraArray) else None
-        base = w.weight if lora is not None else w
+        base = w.weight if isinstance(w, LoraArray) else w
         if isinstance(base, QuantisedArray):
             raise ValueError(f"`{name}` is already quantised.")
         _check_weight(base, name)

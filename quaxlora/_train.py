@@ -41,7 +41,7 @@ def _spec(x: Any) -> Any:
     if isinstance(x, (LoraArray, StackedLoraArray)):
         spec = jtu.tree_map(lambda _: False, x)
         spec = eqx.tree_at(lambda l: (l.a, l.b), spec, (True, True))
-        if x.magnitude is not None:  # DoRA's magnitude is trained too
+        if getattr(x, "magnitude", None) is not None:  # DoRA's magnitude trains too
             spec = eqx.tree_at(lambda l: l.magnitude, spec, True)
         return spec
     return isinstance(x, Trainable)
