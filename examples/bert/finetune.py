@@ -104,10 +104,12 @@ def pair_batches(train, *, batch_pairs: int, steps: int, seed: int):
     for label, text in train:
         by_topic.setdefault(label, []).append(text)
     labels = sorted(by_topic)
+    batches = []  # a list, so the progress bar knows its total
     for _ in range(steps):
         chosen = rng.choice(labels, size=min(batch_pairs, len(labels)), replace=False)
         pairs = [rng.choice(by_topic[c], size=2, replace=False) for c in chosen]
-        yield [p[0] for p in pairs], [p[1] for p in pairs]
+        batches.append(([p[0] for p in pairs], [p[1] for p in pairs]))
+    return batches
 
 
 def contrastive_loss(embed, params, static, ids, mask, scale: float):

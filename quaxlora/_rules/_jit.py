@@ -4,9 +4,9 @@ quax interprets every `jit` it meets by re-tracing the jitted function's jaxpr u
 `quaxify`, so that a quax value passed into it meets the rules. A jitted function
 that receives only plain arrays — most of `jax.numpy` and `jax.nn` (layer norms,
 GELU, softmax, the loss) — cannot meet a `LoraArray`, so re-tracing it only costs
-trace time: on the benchmark GPT, about half of quaxify's trace-time overhead over
-the plain model (a LoRA step traced in 1.38× the plain model's time before this rule,
-1.18× with it). This more specific rule binds such a call as it is.
+trace time (about half of quaxify's trace-time overhead on the benchmark GPT; the
+figures are on the benchmarks page). This more specific rule binds such a call as
+it is.
 """
 
 from typing import Any
