@@ -32,6 +32,23 @@ _KNOWN = {
 }
 
 
+# Fields of variants `stack_adapters` does not stack, with the value that means "off"
+# (plain LoRA): DoRA's magnitude and norms, the initialisation (a PiSSA / OLoRA
+# adapter needs its own residual base), LoRA dropout.
+_OFF = {
+    "magnitude": None,
+    "norm": None,
+    "dora_axis": 0,
+    "init": "default",
+    "dropout": 0.0,
+    "dropout_key": None,
+}
+
+
+def _is_default(value: Any, off: Any) -> bool:
+    return value is None if off is None else (value is not None and value == off)
+
+
 def _same(x: Any, y: Any) -> bool:
     """Whether two leaves of the base are the same (values compared for arrays)."""
     if x is y:
@@ -72,7 +89,8 @@ def _check_models(models: list[PyTree]) -> list[dict[str, LoraArray]]:
                 extra = [
                     f.name
                     for f in dataclasses.fields(x)
-                    if f.name not in _KNOWN and getattr(x, f.name) not in (None, 0.0)
+                    if f.name not in _KNOWN
+                    and not _is_default(getattr(x, f.name), _OFF.get(f.name))
                 ]
                 if extra:
                     raise ValueError(
@@ -224,7 +242,7 @@ def _unstack(p: str, x: StackedLoraArray, i: int) -> LoraArray:
         allow_materialise=x.allow_materialise,
     )
     if x.weight is None:  # an adapter pytree (`quaxlora.partition(model)[0]`)
-        return _new(LoraArray, **fields, dropout=0.0, dropout_key=None)
+        return _new(LoraArray, **fields, **_OFF)
     weight = fields.pop("weight")
     return LoraArray(weight, batch_ndim=n, **fields)
 

@@ -223,6 +223,9 @@ def _solve(field, y0, adjoint):
     ],
     ids=lambda a: type(a).__name__,
 )
+# JAX's tracer-leak checker reports a leak in diffrax's own solve on jax 0.10.2 even
+# for the plain merged model with no quax involved, so CI's leak-check run skips it.
+@pytest.mark.no_leak_check
 def test_neural_ode(getkey, adjoint):
     mlp = eqx.nn.MLP(3, 3, 8, 1, activation=jnp.tanh, key=getkey(), dtype=jnp.float64)
     lora = ql.loraify(Field(mlp), rank=2, key=getkey())

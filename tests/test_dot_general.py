@@ -49,6 +49,11 @@ def _lora(key, shape, rank=3, batch_ndim=0, dtype=jnp.float32, adapter_dtype=Non
     return nonzero_lora(lora, k3)
 
 
+def _acc(dtype):
+    """The dtype to sum a loss in: at least float32."""
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
 def _dense(lora):
     return lora.merged()
 
@@ -81,7 +86,7 @@ def _check(lora, x, dn, lora_is_lhs, dtype=None, preferred=None, grads=True):
         y = quax.quaxify(f)(l, x)
         # Non-linear in y, so the gradients depend on the differentiated forward's
         # value (a linear loss would never look at it).
-        return jnp.sum((jnp.sin(y) * ct).astype(jnp.float32))
+        return jnp.sum((jnp.sin(y) * ct).astype(_acc(y.dtype)))
 
     def loss_ref(w, a, b, x):
         l = ql.LoraArray(
@@ -92,7 +97,8 @@ def _check(lora, x, dn, lora_is_lhs, dtype=None, preferred=None, grads=True):
             stop_gradient=False,
             batch_ndim=lora.batch_ndim,
         )
-        return jnp.sum((jnp.sin(f(_dense(l), x)) * ct).astype(jnp.float32))
+        y = f(_dense(l), x)
+        return jnp.sum((jnp.sin(y) * ct).astype(_acc(y.dtype)))
 
     args = (lora.weight, lora.a, lora.b, x)
     # Jitted: one compilation per case rather than one per eager primitive.

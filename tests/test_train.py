@@ -143,6 +143,6 @@ def test_trainable_spec_misuse_is_loud(getkey):
     with pytest.raises(TypeError, match="takes the whole model"):
         eqx.partition(model, ql.trainable_spec)
     with pytest.raises(AttributeError, match="now `quaxlora.trainable_spec`"):
-        ql.trainable_spec  # noqa: B018
+        ql.is_trainable  # noqa: B018
     trainable, _ = eqx.partition(model, ql.trainable_spec(model))
     assert trainable.weight.a is not None and trainable.weight.b is not None
