@@ -224,5 +224,5 @@ def test_scanned_lora_step_stores_no_weight_copy():
     block_weights = 4 * depth * 12 * d * d
     # q, k and v share their input; o, fc1 and fc2 each need their own.
     inputs = 4 * depth * seq * (3 * d + 4 * d)
-    assert lora <= floor + inputs + block_weights // 20
+    assert lora <= floor + inputs + block_weights // 8
     assert results["quaxlora LoRA"][0] < 0.5 * results["full fine-tuning"][0]
