@@ -14,6 +14,7 @@ import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
 import pytest
+import quax
 
 import quaxlora as ql
 
@@ -21,6 +22,10 @@ import quaxlora as ql
 BERT_DIR = pathlib.Path(__file__).parents[1] / "examples" / "bert"
 sys.path.insert(0, str(BERT_DIR))
 import minilm  # noqa: E402
+
+
+def _is_lora(x):
+    return isinstance(x, ql.LoraArray)
 
 
 def _load_finetune():
@@ -133,6 +138,18 @@ def test_finetune_smoke(tmp_path):
     assert eqx.tree_equal(
         eqx.filter(trained, eqx.is_array), eqx.filter(out["model"], eqx.is_array)
     )
+    # Training moved the adapters, and the factored model computes what its merged
+    # (dense) twin does: a model that did not train, or a broken rule, fails here.
+    model = out["model"]
+    loras = [x for x in jtu.tree_leaves(model, is_leaf=_is_lora) if _is_lora(x)]
+    assert loras and all(float(jnp.abs(x.b).max()) > 0 for x in loras)
+    ids = jnp.arange(1, 17) * 37 % 1000
+    mask = jnp.ones(16, bool)
+    factored = quax.quaxify(lambda m: m.embed(ids, mask))(model)
+    dense = ql.merge(model).embed(ids, mask)
+    base = ql.unloraify(model).embed(ids, mask)
+    np.testing.assert_allclose(factored, dense, atol=1e-5)
+    assert not np.allclose(dense, base, atol=1e-6)
 
 
 def test_finetune_smoke_qlora(tmp_path):
