@@ -68,7 +68,7 @@ class Spec(NamedTuple):
     tl: tuple[str, ...]
     out: tuple[str, ...]
     scaling: float
-    w_grad: bool  # False when `w` is read through `stop_gradient`
+    w_grad: bool  # False with `stop_gradient=True`: the tangent map has no `dw` term
     precision: Any
     preferred_element_type: Any
 
