@@ -5,7 +5,6 @@ from importlib.metadata import version as _version
 from . import _quax_compat as _quax_compat, _rules as _rules, conv as conv
 from ._adapters import (
     combine_adapters as combine_adapters,
-    unmerge as unmerge,
     with_adapters as with_adapters,
 )
 from ._dropout import set_dropout_key as set_dropout_key
@@ -14,7 +13,7 @@ from ._io import load_adapters as load_adapters, save_adapters as save_adapters
 from ._lora_array import LoraArray as LoraArray
 from ._loraify import loraify as loraify
 from ._loraplus import loraplus as loraplus
-from ._merge import merge as merge, unloraify as unloraify
+from ._merge import merge as merge, unloraify as unloraify, unmerge as unmerge
 from ._peft import load_peft as load_peft, save_peft as save_peft
 from ._quantised import (
     quantise as quantise,

@@ -4,12 +4,11 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import PyTree
 
-from ._lora_array import _dense_weight, is_value, LoraArray
+from ._lora_array import is_value, LoraArray
 from ._paths import path_str
 from ._train import is_adapted, Trainable
 
@@ -204,59 +203,3 @@ def _replace_fields(x: LoraArray, **changes: Any) -> LoraArray:
     for f in dataclasses.fields(x):
         object.__setattr__(new, f.name, changes.get(f.name, getattr(x, f.name)))
     return new
-
-
-def _delta(x: LoraArray, dtype: Any) -> Any:
-    """`scaling * b @ a` in `dtype`, computed as `LoraArray.delta` does."""
-    n = x.batch_ndim
-    batch = tuple(range(n))
-    d = lax.dot_general(x.b, x.a, (((n + 1,), (n,)), (batch, batch)))
-    return (x.scaling * d).astype(dtype)
-
-
-def unmerge(merged: PyTree, adapters: PyTree) -> PyTree:
-    """Recover the base model from a merged model and its adapters.
-
-    For every `LoraArray` of `adapters`, the weight at its path in `merged`
-    (`quaxlora.merge`'s `w + scaling * b @ a`) becomes `merged - scaling * b @ a`,
-    computed as `merge` computed it and rounded once to the weight's dtype.
-
-    This is exact up to rounding: `merge` rounded `w + delta` once and `unmerge`
-    rounds the difference once, so elementwise
-    `|unmerge - w| <= u * (|w| + |w + delta|)` (to first order), with `u` the unit
-    roundoff of the weight's dtype (`2**-24` for float32, `2**-8` for bfloat16).
-    Where `delta` is much larger than `w` the *relative* error in `w` can be large;
-    keep the base weights if you need them bit for bit. `Trainable` arrays
-    (`modules_to_save`) replaced the base arrays entirely, so they cannot be
-    unmerged: they are left as they are in `merged`. Neither can DoRA adapters
-    (the merged weight's norms are the magnitude, whatever the base was): they
-    raise a `ValueError`.
-
-    **Arguments:**
-
-    - `merged`: the output of `quaxlora.merge(model)`.
-    - `adapters`: `model` itself, or its adapter pytree `quaxlora.partition(model)[0]`.
-
-    **Returns:**
-
-    `merged` with the base weights restored (a plain model).
-    """
-    leaves = model_leaves(merged)
-    new = {}
-    for p, ad in adapted_leaves(adapters).items():
-        if not isinstance(ad, LoraArray):
-            continue
-        if ad.magnitude is not None:
-            raise ValueError(
-                f"Cannot unmerge the DoRA adapter at `{p}`: a merged DoRA weight has "
-                "row norms equal to the magnitude, whatever the base weight was, so "
-                "the base cannot be recovered from it. Keep the base weights."
-            )
-        w = leaves.get(p)
-        if w is None or tuple(w.shape) != tuple(ad.b.shape[:-1]) + tuple(
-            ad.a.shape[ad.batch_ndim + 1 :]
-        ):
-            raise ValueError(f"`merged` has no weight of the adapter's shape at `{p}`.")
-        w = _dense_weight(w)
-        new[p] = (w - _delta(ad, w.dtype)).astype(w.dtype)
-    return replace_leaves(merged, new)

@@ -6,6 +6,7 @@ import math
 import os
 import struct
 import tempfile
+from importlib.metadata import version as package_version
 from typing import Any, Literal, overload
 
 import jax.numpy as jnp
@@ -215,7 +216,6 @@ def save_adapters(path: str | os.PathLike, model: PyTree) -> None:
 
     Nothing.
     """
-    from . import __version__
 
     tensors: dict[str, np.ndarray] = {}
     targets: dict[str, dict[str, Any]] = {}
@@ -252,7 +252,7 @@ def save_adapters(path: str | os.PathLike, model: PyTree) -> None:
     metadata = {
         "format": FORMAT,
         "format_version": str(2 if _has_stacks(targets) else 1),
-        "quaxlora_version": __version__,
+        "quaxlora_version": package_version("quaxlora"),
         "targets": json.dumps(targets),
         "trainable": json.dumps(trainable),
     }

@@ -286,14 +286,14 @@ class LoraArray(quax.ArrayValue):
         """Whether this is a DoRA array (it has a `magnitude`)."""
         return self.magnitude is not None
 
-    def delta(self) -> Array:
-        """The dense low-rank update `scaling * b @ a`, in the weight's dtype. (With
-        DoRA this is the update of the direction `V = w + delta`; `merged()` is the
-        weight the array stands for.)"""
+    def delta(self, dtype: Any = None) -> Array:
+        """The dense low-rank update `scaling * b @ a`, in `dtype` (default: the
+        weight's). (With DoRA this is the update of the direction `V = w + delta`;
+        `merged()` is the weight the array stands for.)"""
         n = self.batch_ndim
         batch = tuple(range(n))
         d = lax.dot_general(self.b, self.a, (((n + 1,), (n,)), (batch, batch)))
-        return (self.scaling * d).astype(self.dtype)
+        return (self.scaling * d).astype(self.dtype if dtype is None else dtype)
 
     def merged(self) -> Array:
         """The dense array `w + scaling * b @ a` (with DoRA, `m * V / norm(V)` for

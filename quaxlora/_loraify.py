@@ -107,12 +107,6 @@ def _adapter(
     return LoraArray(weight, batch_ndim=out_axis % len(shape), **kwargs)
 
 
-def _leaf_paths(model: PyTree) -> list[str]:
-    return [
-        path_str(p) for p, _ in jtu.tree_leaves_with_path(model, is_leaf=is_adapted)
-    ]
-
-
 def _in_module(leaf_path: str, where: Where) -> bool:
     """Whether a leaf lies in a module (a proper prefix of its path) that `where`
     names by pattern."""

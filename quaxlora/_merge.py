@@ -1,10 +1,11 @@
-"""Back to plain Equinox models: fold adapters in, or drop them."""
+"""Back to plain Equinox models: fold adapters in, drop them, or take them back out."""
 
 import jax.tree_util as jtu
 import quax
 from jaxtyping import PyTree
 
-from ._lora_array import LoraArray
+from ._adapters import adapted_leaves, model_leaves, replace_leaves
+from ._lora_array import _dense_weight, LoraArray
 from ._stacked import StackedLoraArray
 from ._train import is_adapted, Trainable
 
@@ -69,3 +70,51 @@ def unloraify(model: PyTree) -> PyTree:
         return x
 
     return jtu.tree_map(_drop, model, is_leaf=is_adapted)
+
+
+def unmerge(merged: PyTree, adapters: PyTree) -> PyTree:
+    """Recover the base model from a merged model and its adapters.
+
+    For every `LoraArray` of `adapters`, the weight at its path in `merged`
+    (`quaxlora.merge`'s `w + scaling * b @ a`) becomes `merged - scaling * b @ a`,
+    computed as `merge` computed it and rounded once to the weight's dtype.
+
+    This is exact up to rounding: `merge` rounded `w + delta` once and `unmerge`
+    rounds the difference once, so elementwise
+    `|unmerge - w| <= u * (|w| + |w + delta|)` (to first order), with `u` the unit
+    roundoff of the weight's dtype (`2**-24` for float32, `2**-8` for bfloat16).
+    Where `delta` is much larger than `w` the *relative* error in `w` can be large;
+    keep the base weights if you need them bit for bit. `Trainable` arrays
+    (`modules_to_save`) replaced the base arrays entirely, so they cannot be
+    unmerged: they are left as they are in `merged`. Neither can DoRA adapters
+    (the merged weight's norms are the magnitude, whatever the base was): they
+    raise a `ValueError`.
+
+    **Arguments:**
+
+    - `merged`: the output of `quaxlora.merge(model)`.
+    - `adapters`: `model` itself, or its adapter pytree `quaxlora.partition(model)[0]`.
+
+    **Returns:**
+
+    `merged` with the base weights restored (a plain model).
+    """
+    leaves = model_leaves(merged)
+    new = {}
+    for p, ad in adapted_leaves(adapters).items():
+        if not isinstance(ad, LoraArray):
+            continue
+        if ad.magnitude is not None:
+            raise ValueError(
+                f"Cannot unmerge the DoRA adapter at `{p}`: a merged DoRA weight has "
+                "row norms equal to the magnitude, whatever the base weight was, so "
+                "the base cannot be recovered from it. Keep the base weights."
+            )
+        w = leaves.get(p)
+        if w is None or tuple(w.shape) != tuple(ad.b.shape[:-1]) + tuple(
+            ad.a.shape[ad.batch_ndim + 1 :]
+        ):
+            raise ValueError(f"`merged` has no weight of the adapter's shape at `{p}`.")
+        w = _dense_weight(w)
+        new[p] = (w - ad.delta(w.dtype)).astype(w.dtype)
+    return replace_leaves(merged, new)
