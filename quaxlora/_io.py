@@ -321,6 +321,35 @@ def digest(tensors: dict[str, Any], metadata: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+def _target_checks(t: dict) -> list[tuple[str, Any]]:
+    """`(field, check)` pairs for one target's metadata, in the order they are
+    checked, so that an error names the first field that is wrong."""
+    alpha = t.get("alpha")
+    return [
+        ("rank", lambda: _posint(t["rank"])),
+        (
+            "alpha",
+            lambda: (
+                isinstance(alpha, (int, float))
+                and not isinstance(alpha, bool)
+                and math.isfinite(alpha)
+            ),
+        ),
+        ("rslora", lambda: isinstance(t["rslora"], bool)),
+        ("batch_ndim", lambda: _posint(t["batch_ndim"], 0)),
+        ("dtype", lambda: isinstance(t.get("dtype"), str)),
+        ("weight_shape", lambda: _shape_or_none(t.get("weight_shape"))),
+        ("weight_dtype", lambda: isinstance(t.get("weight_dtype"), (str, type(None)))),
+        ("stacked", lambda: _stacked_ok(t)),
+        (
+            "dora_axis",
+            lambda: t.get("dora_axis") is None or _posint(t["dora_axis"], 0),
+        ),
+        ("init", lambda: isinstance(t.get("init", "default"), str)),
+        ("base_fingerprint", lambda: _floats_or_none(t.get("base_fingerprint"))),
+    ]
+
+
 def _parse(path: str) -> tuple[dict, dict, dict]:
     tensors, metadata = read_safetensors(path)
     if metadata.get("format") != FORMAT:
@@ -352,28 +381,17 @@ def _parse(path: str) -> tuple[dict, dict, dict]:
         if not isinstance(targets, dict) or not isinstance(trainable, dict):
             raise ValueError("targets")
         for p, t in targets.items():
-            if not (
-                isinstance(t, dict)
-                and _posint(t["rank"])
-                and isinstance(t["alpha"], (int, float))
-                and not isinstance(t["alpha"], bool)
-                and math.isfinite(t["alpha"])
-                and isinstance(t["rslora"], bool)
-                and _posint(t["batch_ndim"], 0)
-                and isinstance(t.get("dtype"), str)
-                and _shape_or_none(t.get("weight_shape"))
-                and isinstance(t.get("weight_dtype"), (str, type(None)))
-                and _stacked_ok(t)
-                and (t.get("dora_axis") is None or _posint(t["dora_axis"], 0))
-                and isinstance(t.get("init", "default"), str)
-                and _floats_or_none(t.get("base_fingerprint"))
-            ):
-                raise ValueError(p)
+            if not isinstance(t, dict):
+                raise ValueError(f"target `{p}`")
+            bad = next((f for f, ok in _target_checks(t) if not ok()), None)
+            if bad is not None:
+                raise ValueError(f"target `{p}`: field `{bad}`")
         for p, t in trainable.items():
             if not isinstance(t, dict):
                 raise ValueError(p)
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
-        raise ValueError(f"`path` {path!r} has malformed metadata ({e!r}).") from None
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise ValueError(f"`path` {path!r} has malformed metadata: {what}.") from None
     expected = {k for p in targets for k in (p + ".a", p + ".b")} | set(trainable)
     expected |= {p + ".magnitude" for p, t in targets.items() if "dora_axis" in t}
     if set(tensors) != expected:

@@ -45,7 +45,7 @@ def _signature(model):
     return [(jtu.keystr(p), x.shape, x.dtype) for p, x in flat]
 
 
-def _check_load(data: bytes, exact: bool = True) -> None:
+def _check_load(data: bytes, exact: bool = True, field: str | None = None) -> None:
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "a.safetensors")
         with open(path, "wb") as f:
@@ -55,6 +55,10 @@ def _check_load(data: bytes, exact: bool = True) -> None:
                 loaded = ql.load_adapters(path, model)
             except ValueError as e:
                 assert "`path`" in str(e) or "does not match `model` at" in str(e)
+                if field is not None and "malformed metadata" in str(e):
+                    # The error names the target and the field that is wrong.
+                    assert "layers.0.weight" in str(e)
+                    assert f"`{field}`" in str(e) or f"'{field}'" in str(e)
             else:
                 assert _signature(loaded) == _signature(MODEL)
                 if exact:  # the checksum lets no change through
@@ -149,7 +153,7 @@ def test_rewritten_target_metadata(field, value):
         _write_signed(path, tensors, {**meta, "targets": json.dumps(targets)})
         with open(path, "rb") as f:
             data = f.read()
-    _check_load(data, exact=False)
+    _check_load(data, exact=False, field=field)
 
 
 @FUZZ
