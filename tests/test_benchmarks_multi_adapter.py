@@ -6,10 +6,18 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import pytest
 import quax
 
 import quaxlora as ql
 from benchmarks import multi_adapter, run
+
+
+# `eqx.error_if` under `jax.vmap` inside `jit` (`select_adapter`'s check of a traced
+# index) crashes JAX's tracer-leak checker itself (an IndexError in its report), with
+# no quaxlora code involved (reproduced with a bare `eqx.error_if`); so CI's
+# leak-check run leaves these tests out.
+pytestmark = pytest.mark.no_leak_check
 
 
 def test_variants_agree():

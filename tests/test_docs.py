@@ -8,7 +8,12 @@ import pytest
 
 
 DOCS = pathlib.Path(__file__).parents[1] / "docs"
-PAGES = [DOCS / "index.md", *sorted((DOCS / "api").glob("*.md"))]
+# The "Managing adapters" page runs `select_adapter` on a traced index under `vmap`,
+# whose `eqx.error_if` crashes JAX's tracer-leak checker (see tests/test_stack.py).
+PAGES = [
+    pytest.param(p, marks=pytest.mark.no_leak_check) if p.stem == "adapters" else p
+    for p in [DOCS / "index.md", *sorted((DOCS / "api").glob("*.md"))]
+]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 

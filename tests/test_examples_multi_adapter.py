@@ -3,7 +3,16 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 import quaxlora as ql
+
+
+# `eqx.error_if` under `jax.vmap` inside `jit` (`select_adapter`'s check of a traced
+# index) crashes JAX's tracer-leak checker itself (an IndexError in its report), with
+# no quaxlora code involved (reproduced with a bare `eqx.error_if`); so CI's
+# leak-check run leaves these tests out.
+pytestmark = pytest.mark.no_leak_check
 
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "multi_adapter.py"

@@ -18,6 +18,13 @@ from .helpers import nonzero_lora
 from .test_adapters import Net, TARGETS, TOKENS
 
 
+# `eqx.error_if` under `jax.vmap` inside `jit` (`select_adapter`'s check of a traced
+# index) crashes JAX's tracer-leak checker itself (an IndexError in its report), with
+# no quaxlora code involved (reproduced with a bare `eqx.error_if`); so CI's
+# leak-check run leaves these tests out.
+pytestmark = pytest.mark.no_leak_check
+
+
 def _net(key):
     return Net(key, jnp.float64)
 
