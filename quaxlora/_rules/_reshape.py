@@ -68,6 +68,10 @@ def _(operand: LoraArray, *, new_sizes, dimensions, **params) -> Any:
         [operand],
         dict(new_sizes=new_sizes, dimensions=dimensions, **params),
     )
+    if operand.magnitude is not None:
+        # DoRA's norms are per output unit of each layer; a reshape that merges
+        # layers has no factored DoRA form here.
+        return fallback()
     n, ndim = operand.batch_ndim, operand.ndim
     # Axis labels: batch axes 0..n-1, the output axis n, the rest n+1..; the rank
     # labels of merged batch axes are ndim + i, that of the rank axis 2 * ndim.
@@ -130,5 +134,9 @@ def _(operand: LoraArray, *, new_sizes, dimensions, **params) -> Any:
         rslora=operand.rslora,
         stop_gradient=operand.stop_gradient,
         allow_materialise=operand.allow_materialise,
+        # A per-layer key stack no longer matches once layers are merged:
+        # `adapter_input` then refuses it, rather than dropping dropout silently.
+        dropout=operand.dropout,
+        dropout_key=operand.dropout_key,
         batch_ndim=len(kept),
     )
