@@ -19,6 +19,14 @@ os.environ["XLA_FLAGS"] = " ".join(
 import jax  # noqa: E402
 import jax.random as jr  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+
+# The property tests draw the same examples on every run, so CI cannot fail on one
+# machine and pass on the next. `HYPOTHESIS_PROFILE=explore` draws fresh, and more.
+settings.register_profile("default", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 jax.config.update("jax_enable_x64", True)
