@@ -1,35 +1,14 @@
-"""Several adapters on one base: extract, put in, combine, and unmerge."""
+"""Several adapters on one base: extract, put in, and combine."""
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
-import jax.tree_util as jtu
 from jaxtyping import PyTree
 
-from ._lora_array import is_value, LoraArray
-from ._paths import path_str
-from ._train import is_adapted, Trainable
-
-
-def model_leaves(model: PyTree) -> dict[str, Any]:
-    """`{dotted path: leaf}`, with every quax value (adapters, quantised weights)
-    kept whole."""
-    flat = jtu.tree_leaves_with_path(model, is_leaf=is_value)
-    return {path_str(p): x for p, x in flat}
-
-
-def adapted_leaves(model: PyTree) -> dict[str, Any]:
-    """`{dotted path: leaf}` of the `LoraArray`s and `Trainable`s of `model`."""
-    return {p: x for p, x in model_leaves(model).items() if is_adapted(x)}
-
-
-def replace_leaves(model: PyTree, new: dict[str, Any]) -> PyTree:
-    """`model` with the leaf at each path of `new` replaced."""
-    flat, treedef = jtu.tree_flatten_with_path(model, is_leaf=is_value)
-    leaves = [new.get(path_str(p), x) for p, x in flat]
-    return jtu.tree_unflatten(treedef, leaves)
+from ._lora_array import LoraArray, replace_fields
+from ._paths import adapted_leaves, model_leaves, replace_leaves
+from ._trainable import Trainable
 
 
 def _fit(p: str, ad: Any, old: Any) -> Any:
@@ -191,15 +170,6 @@ def _combine(p: str, leaves: list[Any], weights: list[float]) -> Any:
         axis=n + 1,
     )
     rank = sum(x.rank for x in leaves)
-    return _replace_fields(
+    return replace_fields(
         leaves[0], a=a, b=b, rank=rank, alpha=float(rank), rslora=False
     )
-
-
-def _replace_fields(x: LoraArray, **changes: Any) -> LoraArray:
-    """`x` with some fields (static ones included) changed, without re-running
-    `__init__` (whose checks need a weight, which an adapter pytree lacks)."""
-    new = object.__new__(type(x))
-    for f in dataclasses.fields(x):
-        object.__setattr__(new, f.name, changes.get(f.name, getattr(x, f.name)))
-    return new

@@ -18,14 +18,13 @@ rank Gram matrix, and one elementwise pass over `w` for `‖w_d‖²` that XLA f
 its reduction: no array of the weight's size is formed.
 """
 
-import dataclasses
 from typing import Any
 
 import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from ._lora_array import _dense_weight, is_value, LoraArray
+from ._lora_array import dense_weight, is_value, LoraArray, replace_fields
 
 
 def _dot(x, xl, y, yl, out):
@@ -52,7 +51,7 @@ def dora_norm(lora: LoraArray) -> Array:
     wl, al, bl = batch + ["o"] + rest, batch + ["k"] + rest, batch + ["o", "k"]
     keep = batch + [wl[n + d]]
     axes = tuple(i for i, l in enumerate(wl) if l not in keep)
-    ww = jnp.sum(jnp.square(_dense_weight(w).astype(dt)), axis=axes)
+    ww = jnp.sum(jnp.square(dense_weight(w).astype(dt)), axis=axes)
     wc = w if is_value(w) else w.astype(dt)
     a2 = batch + ["j"] + rest
     if d == 0:
@@ -99,18 +98,9 @@ def scale_labels(lora: LoraArray, wl: list[str]) -> list[str]:
     return list(wl[:n]) + [wl[n + lora.dora_axis]]
 
 
-def replace(lora: LoraArray, **changes: Any) -> LoraArray:
-    """`lora` with some fields (static ones, and `None` ones, included) changed,
-    without re-running `__init__`."""
-    new = object.__new__(type(lora))
-    for f in dataclasses.fields(lora):
-        object.__setattr__(new, f.name, changes.get(f.name, getattr(lora, f.name)))
-    return new
-
-
 def with_norm(lora: LoraArray) -> LoraArray:
     """`lora` carrying its DoRA norm, so that a slice of it keeps the norms of the
     whole array (a no-op without DoRA)."""
     if lora.magnitude is None or lora.norm is not None:
         return lora
-    return replace(lora, norm=dora_norm(lora))
+    return replace_fields(lora, norm=dora_norm(lora))

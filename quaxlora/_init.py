@@ -108,9 +108,8 @@ def residual_to_lora(model: Any, initial: Any) -> Any:
     `model` on the original base weights, with plain LoRA adapters of twice the rank
     where it had PiSSA / OLoRA ones.
     """
-    from ._adapters import adapted_leaves, model_leaves, replace_leaves
-    from ._dora import replace
-    from ._lora_array import _dense_weight, LoraArray
+    from ._lora_array import dense_weight, LoraArray, replace_fields
+    from ._paths import adapted_leaves, model_leaves, replace_leaves
 
     start = adapted_leaves(initial)
     new = {}
@@ -121,14 +120,14 @@ def residual_to_lora(model: Any, initial: Any) -> Any:
         if not isinstance(x0, LoraArray) or x0.a.shape != x.a.shape:
             raise ValueError(f"`initial` has no initial adapter of `{p}`'s shape.")
         n = x.batch_ndim
-        w = _dense_weight(x.weight)
+        w = dense_weight(x.weight)
         d0 = _residual(w, x0.a, -x0.b, x0.scaling, n)[0]  # w + s·b₀@a₀
         dtype = x.a.dtype
         a = jnp.concatenate([x.a, x0.a.astype(dtype)], axis=n)
         b = jnp.concatenate(
             [x.scaling * x.b, -x0.scaling * x0.b.astype(dtype)], axis=n + 1
         ).astype(dtype)
-        new[p] = replace(
+        new[p] = replace_fields(
             x,
             weight=d0,
             a=a,

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 from typing import Any
 
@@ -15,15 +16,26 @@ from jaxtyping import Array, PRNGKeyArray
 
 
 def is_value(x: Any) -> bool:
+    """Whether `x` is a quax value (a `LoraArray`, a quantised weight, ...)."""
     return isinstance(x, quax.Value)
 
 
-def _dense_weight(w: Any) -> Array:
+def replace_fields(x: Any, **changes: Any) -> Any:
+    """The module `x` with some fields (static ones, and `None` ones, included)
+    changed, without re-running `__init__` (whose checks need a weight, which an
+    adapter pytree lacks)."""
+    new = object.__new__(type(x))
+    for f in dataclasses.fields(x):
+        object.__setattr__(new, f.name, changes.get(f.name, getattr(x, f.name)))
+    return new
+
+
+def dense_weight(w: Any) -> Array:
     """The plain array a base weight stands for (dequantising a quax-valued base)."""
     return w.materialise() if is_value(w) else w
 
 
-def _check_rank(rank: Any) -> int:
+def check_rank(rank: Any) -> int:
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0:
         raise ValueError(f"`rank` must be a positive int, got {rank!r}.")
     return int(rank)
@@ -165,7 +177,7 @@ class LoraArray(quax.ArrayValue):
             shape[batch_ndim + 1 :],
         )
         if a is None and b is None:
-            rank = _check_rank(rank)
+            rank = check_rank(rank)
             if key is None:
                 raise ValueError("`LoraArray` needs a `key` to initialise `a`.")
             dtype = weight.dtype if dtype is None else dtype
@@ -176,7 +188,7 @@ class LoraArray(quax.ArrayValue):
             raise ValueError("Pass both `a` and `b` to `LoraArray`, or neither.")
         else:
             r = a.shape[batch_ndim] if a.ndim > batch_ndim else None
-            rank = _check_rank(r if rank is None else rank)
+            rank = check_rank(r if rank is None else rank)
             want_a, want_b = (*batch, rank, *rest), (*batch, out, rank)
             if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
                 raise ValueError(
@@ -298,7 +310,7 @@ class LoraArray(quax.ArrayValue):
     def merged(self) -> Array:
         """The dense array `w + scaling * b @ a` (with DoRA, `m * V / norm(V)` for
         that `V`), regardless of `allow_materialise`."""
-        v = _dense_weight(self.w) + self.delta()
+        v = dense_weight(self.w) + self.delta()
         if self.magnitude is not None:
             from ._dora import dora_scale, scale_along
 

@@ -11,9 +11,9 @@ import quax
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ._init import Init, init_factors
-from ._lora_array import _check_rank, LoraArray, scaling_for
+from ._lora_array import check_rank, LoraArray, scaling_for
 from ._paths import matches, name_matches, path_str, per_target, Where
-from ._train import is_adapted, Trainable
+from ._trainable import is_adapted, Trainable
 
 
 SUPPORTED = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.ConvTranspose, eqx.nn.Embedding)
@@ -308,7 +308,7 @@ def loraify(
     keys = jr.split(key, len(targets))
     adapters = {}
     for (p, obj, at, layout), k in zip(targets, keys):
-        r, al = _check_rank(per_target(rank, p, "rank")), per_target(alpha, p, "alpha")
+        r, al = check_rank(per_target(rank, p, "rank")), per_target(alpha, p, "alpha")
         options: dict[str, Any] = dict(
             rank=r,
             alpha=al,

@@ -4,10 +4,10 @@ import jax.tree_util as jtu
 import quax
 from jaxtyping import PyTree
 
-from ._adapters import adapted_leaves, model_leaves, replace_leaves
-from ._lora_array import _dense_weight, LoraArray
+from ._lora_array import dense_weight, LoraArray
+from ._paths import adapted_leaves, model_leaves, replace_leaves
 from ._stacked import StackedLoraArray
-from ._train import is_adapted, Trainable
+from ._trainable import is_adapted, Trainable
 
 
 def merge(model: PyTree) -> PyTree:
@@ -115,6 +115,6 @@ def unmerge(merged: PyTree, adapters: PyTree) -> PyTree:
             ad.a.shape[ad.batch_ndim + 1 :]
         ):
             raise ValueError(f"`merged` has no weight of the adapter's shape at `{p}`.")
-        w = _dense_weight(w)
+        w = dense_weight(w)
         new[p] = (w - ad.delta(w.dtype)).astype(w.dtype)
     return replace_leaves(merged, new)

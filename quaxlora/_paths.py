@@ -1,10 +1,15 @@
-"""Module paths (`"blocks.attn.query_proj"`) and PEFT-style pattern matching."""
+"""Module paths (`"blocks.attn.query_proj"`), PEFT-style pattern matching, and a
+model's leaves by path (quax values kept whole)."""
 
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import jax.tree_util as jtu
+from jaxtyping import PyTree
+
+from ._lora_array import is_value
+from ._trainable import is_adapted
 
 
 Where: TypeAlias = (
@@ -70,3 +75,22 @@ def per_target(value: Any, path: str, name: str) -> Any:
         f"No pattern in `{name}` matches the target `{path}`; add an entry for it "
         f"(for instance a catch-all `'.*'`). Patterns: {list(value)}."
     )
+
+
+def model_leaves(model: PyTree) -> dict[str, Any]:
+    """`{dotted path: leaf}`, with every quax value (adapters, quantised weights)
+    kept whole."""
+    flat = jtu.tree_leaves_with_path(model, is_leaf=is_value)
+    return {path_str(p): x for p, x in flat}
+
+
+def adapted_leaves(model: PyTree) -> dict[str, Any]:
+    """`{dotted path: leaf}` of the `LoraArray`s and `Trainable`s of `model`."""
+    return {p: x for p, x in model_leaves(model).items() if is_adapted(x)}
+
+
+def replace_leaves(model: PyTree, new: dict[str, Any]) -> PyTree:
+    """`model` with the leaf at each path of `new` replaced."""
+    flat, treedef = jtu.tree_flatten_with_path(model, is_leaf=is_value)
+    leaves = [new.get(path_str(p), x) for p, x in flat]
+    return jtu.tree_unflatten(treedef, leaves)

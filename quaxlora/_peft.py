@@ -4,7 +4,6 @@
 import json
 import os
 import re
-import tempfile
 from typing import Any
 
 import equinox as eqx
@@ -13,13 +12,12 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PyTree
 
-from ._adapters import model_leaves, replace_leaves
-from ._io import read_safetensors, write_safetensors
 from ._lora_array import is_value, LoraArray
-from ._paths import path_str
+from ._paths import model_leaves, path_str, replace_leaves
 from ._peft_config import check_variants, rank, selected
 from ._peft_names import NameMap, paths_to_peft, peft_to_paths
-from ._train import Trainable
+from ._safetensors import atomic_write, read_safetensors, write_safetensors
+from ._trainable import Trainable
 
 
 PREFIX = "base_model.model."
@@ -439,12 +437,6 @@ def save_peft(
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     write_safetensors(os.path.join(directory, WEIGHTS), tensors, {"format": "pt"})
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-        os.replace(tmp, os.path.join(directory, CONFIG))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(
+        os.path.join(directory, CONFIG), [json.dumps(config, indent=2).encode()]
+    )

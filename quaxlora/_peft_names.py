@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 
 from jaxtyping import PyTree
 
-from ._adapters import model_leaves
+from ._paths import model_leaves
 
 
 NameMap: TypeAlias = (

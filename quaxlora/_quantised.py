@@ -22,7 +22,7 @@ from jaxtyping import Array, PyTree
 from ._lora_array import LoraArray
 from ._loraify import SUPPORTED
 from ._paths import matches, path_str, Where
-from ._train import is_adapted, Trainable
+from ._trainable import is_adapted, Trainable
 
 
 KINDS = ("nf4", "int4", "int8")

@@ -12,10 +12,10 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree
 
-from ._adapters import model_leaves, replace_leaves
 from ._lora_array import is_value, LoraArray
+from ._paths import model_leaves, replace_leaves
 from ._stacked import StackedLoraArray
-from ._train import Trainable
+from ._trainable import Trainable
 
 
 # The `LoraArray` fields `stack_adapters` knows how to stack; a field added later

@@ -9,32 +9,12 @@ import jax.core
 import jax.tree_util as jtu
 import numpy as np
 import quax
-from jaxtyping import Array, PyTree
+from jaxtyping import PyTree
 
 from ._lora_array import LoraArray
 from ._paths import path_str
 from ._stacked import StackedLoraArray
-
-
-class Trainable(quax.ArrayValue):
-    """Marks an array of the model as trained in full (PEFT's `modules_to_save`, and
-    trained biases). It behaves exactly like the array it wraps: under
-    `quax.quaxify` every primitive simply reads `array`.
-    """
-
-    array: Array
-
-    def aval(self) -> jax.core.ShapedArray:
-        return jax.core.ShapedArray(self.array.shape, self.array.dtype)
-
-    def materialise(self) -> Array:
-        return self.array
-
-
-def is_adapted(x: Any) -> bool:
-    """Whether `x` is a `LoraArray`, a `StackedLoraArray` or a `Trainable` (a node
-    `trainable_spec` decides)."""
-    return isinstance(x, (LoraArray, StackedLoraArray, Trainable))
+from ._trainable import is_adapted, Trainable
 
 
 def _spec(x: Any) -> Any:
@@ -130,7 +110,7 @@ class ParameterCount:
         )
 
 
-def _size(x: Any) -> int:
+def _param_count(x: Any) -> int:
     # A quax value (a quantised weight) counts the parameters it stands for.
     is_value = isinstance(x, quax.ArrayValue)
     return int(np.prod(x.shape)) if eqx.is_array(x) or is_value else 0
@@ -157,12 +137,13 @@ def count_parameters(model: PyTree) -> ParameterCount:
     is_leaf = lambda x: is_adapted(x) or isinstance(x, quax.ArrayValue)
     for path, leaf in jtu.tree_leaves_with_path(model, is_leaf=is_leaf):
         if isinstance(leaf, (LoraArray, StackedLoraArray)):
-            t = _size(leaf.a) + _size(leaf.b) + _size(getattr(leaf, "magnitude", None))
-            n = t + _size(leaf.weight)
+            m = getattr(leaf, "magnitude", None)
+            t = _param_count(leaf.a) + _param_count(leaf.b) + _param_count(m)
+            n = t + _param_count(leaf.weight)
         elif isinstance(leaf, Trainable):
-            t = n = _size(leaf.array)
+            t = n = _param_count(leaf.array)
         else:
-            t, n = 0, _size(leaf)
+            t, n = 0, _param_count(leaf)
         module = path_str(path[:-1])
         t0, n0 = per_module.get(module, (0, 0))
         per_module[module] = (t0 + t, n0 + n)

@@ -102,7 +102,7 @@ def _dense(x, lora, kwargs):
 
 def _plans(x, lora, kwargs):
     params, _ = _conv.conv_params(x, lora, **kwargs)
-    fns = {"delta": lambda x, l: _conv._delta(x, l, params)}
+    fns = {"delta": lambda x, l: _conv._merged_kernel_conv(x, l, params)}
     if _conv.conv_plan(x, lora, **kwargs).orientation is not None:
         fns["factored"] = lambda x, l: _conv._factored(x, l, params)
     fns["dispatch"] = quax.quaxify(
@@ -312,7 +312,8 @@ def test_plan_choice(case, n, want, getkey):
     # The estimate agrees with XLA's own count of a training step of each plan.
     params, _ = _conv.conv_params(x, lora, **kwargs)
     xla = {}
-    for name, f in (("factored", _conv._factored), ("delta", _conv._delta)):
+    forms = (("factored", _conv._factored), ("delta", _conv._merged_kernel_conv))
+    for name, f in forms:
         loss = lambda l, x: jnp.sum(f(x, l, params) ** 2)
         xla[name] = _xla_flops(jax.grad(loss, argnums=(0, 1)), lora, x)
     print(xla)

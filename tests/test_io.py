@@ -13,7 +13,8 @@ import safetensors
 import safetensors.numpy
 
 import quaxlora as ql
-from quaxlora._io import digest, read_safetensors, write_safetensors
+from quaxlora._io import digest
+from quaxlora._safetensors import read_safetensors, write_safetensors
 
 
 def _trained(model, key, scale=0.3):

@@ -14,7 +14,8 @@ import numpy as np
 from hypothesis import given, HealthCheck, settings
 
 import quaxlora as ql
-from quaxlora._io import _DTYPES, digest, read_safetensors, write_safetensors
+from quaxlora._io import digest
+from quaxlora._safetensors import _DTYPES, read_safetensors, write_safetensors
 
 
 BASE = eqx.nn.MLP(3, 2, 4, 1, key=jr.key(0))

@@ -15,9 +15,9 @@ import pytest
 import quax
 
 import quaxlora as ql
-from quaxlora._io import read_safetensors, write_safetensors
 from quaxlora._peft import _alpha
 from quaxlora._peft_config import rank
+from quaxlora._safetensors import read_safetensors, write_safetensors
 
 
 BERT_DIR = pathlib.Path(__file__).parents[1] / "examples" / "bert"

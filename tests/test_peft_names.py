@@ -10,7 +10,7 @@ import pytest
 import quax
 
 import quaxlora as ql
-from quaxlora._io import read_safetensors
+from quaxlora._safetensors import read_safetensors
 
 from .fixtures.make_peft_fixtures import eqx_base, HERE, MAPPING, ours
 

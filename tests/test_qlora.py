@@ -414,7 +414,7 @@ def test_memory(getkey):
 def test_peft_files_of_a_qlora_model(tmp_path):
     import os
 
-    from quaxlora._io import read_safetensors
+    from quaxlora._safetensors import read_safetensors
 
     from .fixtures.make_peft_fixtures import eqx_base, HERE, MAPPING, ours
 

@@ -352,7 +352,8 @@ def test_unstack_refuses_to_cut_a_grown_adapter(getkey):
 
 
 def test_save_and_load_stacked(getkey, tmp_path):
-    from quaxlora._io import digest, read_safetensors, write_safetensors
+    from quaxlora._io import digest
+    from quaxlora._safetensors import read_safetensors, write_safetensors
 
     base = _net(getkey())
     models = _models(base, getkey())

@@ -31,11 +31,10 @@ import jax.numpy as jnp
 import quax
 from jaxtyping import ArrayLike
 
-from .._dora import dora_scale, replace, scale_along
+from .._dora import dora_scale, scale_along
 from .._lora_array import is_value, LoraArray
 from ._contract import bind, contract
 from ._frozen import apply_frozen
-from ._structural import _replace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +73,7 @@ def _orientation(lora: LoraArray, params) -> str | None:
     return None
 
 
-def _plan(lhs_shape, lora: LoraArray, out_shape, params) -> ConvPlan:
+def _make_plan(lhs_shape, lora: LoraArray, out_shape, params) -> ConvPlan:
     lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
     groups = params["feature_group_count"]
     w_shape, r = lora.shape, lora.rank
@@ -124,7 +123,7 @@ def _base_conv(x, lora: LoraArray, params) -> Any:
     return apply_frozen(ft.partial(_conv, **params), x, lora.weight)
 
 
-def _delta(x, lora: LoraArray, params) -> Any:
+def _merged_kernel_conv(x, lora: LoraArray, params) -> Any:
     """`conv(x, w + s·b⊗a)`: one convolution with the (kernel-sized) merged kernel."""
     return _conv(x, lora.merged(), **params)
 
@@ -185,7 +184,7 @@ def _dora_factored(x, lora: LoraArray, params) -> Any:
 
 @quax.register(lax.conv_general_dilated_p)
 def _(lhs: ArrayLike | quax.ArrayValue, rhs: LoraArray, **params) -> Any:
-    plan = _plan(jnp.shape(lhs), rhs, _out_shape(lhs, rhs, params), params)
+    plan = _make_plan(jnp.shape(lhs), rhs, _out_shape(lhs, rhs, params), params)
     if rhs.dropout_active:
         # LoRA dropout acts on the adapter branch's input: only the factored plan
         # has one.
@@ -203,7 +202,7 @@ def _(lhs: ArrayLike | quax.ArrayValue, rhs: LoraArray, **params) -> Any:
         if out is not None:
             return out
     # The delta kernel (with DoRA, `m·V/‖V‖` itself: `merged` is kernel-sized).
-    return _delta(lhs, rhs, params)
+    return _merged_kernel_conv(lhs, rhs, params)
 
 
 def conv_plan(
@@ -252,7 +251,7 @@ def conv_plan(
         feature_group_count=feature_group_count,
         batch_group_count=batch_group_count,
     )
-    return _plan(tuple(lhs.shape), rhs, out_shape, params)
+    return _make_plan(tuple(lhs.shape), rhs, out_shape, params)
 
 
 def conv_params(lhs: Any, rhs: Any, **kwargs) -> tuple[dict[str, Any], tuple]:
@@ -265,29 +264,3 @@ def conv_params(lhs: Any, rhs: Any, **kwargs) -> tuple[dict[str, Any], tuple]:
         e for e in jaxpr(lhs_s, rhs_s).eqns if e.primitive is lax.conv_general_dilated_p
     ]
     return dict(eqn.params), tuple(eqn.outvars[0].aval.shape)
-
-
-@quax.register(lax.rev_p)
-def _(operand: LoraArray, *, dimensions) -> LoraArray:
-    # Reversing axes of w + s·b⊗a reverses the matching axes of the factors: batch
-    # axes of all three, the output axis of w and b, the other axes of w and a.
-    n = operand.batch_ndim
-    dims = tuple(dimensions)
-    rev = lambda x, ds: lax.rev(x, tuple(ds)) if ds else x
-    w = bind(lambda w: lax.rev(w, dims), operand.weight)
-    a = rev(operand.a, [d for d in dims if d != n])
-    b = rev(operand.b, [d for d in dims if d <= n])
-    if operand.magnitude is None:
-        return _replace(operand, weight=w, a=a, b=b)
-    # DoRA: the magnitude (and a carried norm) reverse with their axis.
-    axis = n + operand.dora_axis
-    kept = [d for d in dims if d < n] + ([n] if axis in dims else [])
-    flip = lambda m: None if m is None else rev(m, kept)
-    return replace(
-        operand,
-        weight=w,
-        a=a,
-        b=b,
-        magnitude=flip(operand.magnitude),
-        norm=flip(operand.norm),
-    )

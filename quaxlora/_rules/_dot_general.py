@@ -101,7 +101,18 @@ def _lora_contract(
     return forward(spec, x, lora.w, f1, f2, xa, fuse=False, dot=contract)[0]
 
 
-def _lora_dot(lora, x, lora_is_lhs, dimension_numbers, **dot_kwargs):
+def _lora_dot(
+    lora: LoraArray,
+    x: Any,
+    lora_is_lhs: bool,
+    *,
+    dimension_numbers,
+    precision=None,
+    preferred_element_type=None,
+    **params,
+) -> Any:
+    """`dot_general` of `lora` with `x`, `lora` being the left-hand operand or not."""
+    del params
     (lc, rc), (lb, rb) = dimension_numbers
     if lora_is_lhs:
         (l_contract, x_contract), (l_batch, x_batch) = (lc, rc), (lb, rb)
@@ -115,72 +126,37 @@ def _lora_dot(lora, x, lora_is_lhs, dimension_numbers, **dot_kwargs):
     l_free = [l for i, l in enumerate(wl) if i not in l_contract and i not in l_batch]
     x_free = [l for i, l in enumerate(xl) if i not in x_contract and i not in x_batch]
     # out has shape (*batch, *x_free, *lora_free): the layout a consumer of `x` wants.
-    out = lora_contract(x, xl, lora, batch + x_free + l_free, **dot_kwargs)
+    out = lora_contract(
+        x,
+        xl,
+        lora,
+        batch + x_free + l_free,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
     if lora_is_lhs:
         return transpose_to(out, batch + x_free + l_free, batch + l_free + x_free)
     return out
 
 
-@quax.register(lax.dot_general_p)
-def _(
-    lhs: LoraArray,
-    rhs: ArrayLike | quax.ArrayValue,
-    *,
-    dimension_numbers,
-    precision,
-    preferred_element_type,
-    **params,
-):
-    del params
-    return _lora_dot(
-        lhs,
-        rhs,
-        True,
-        dimension_numbers,
-        precision=precision,
-        preferred_element_type=preferred_element_type,
-    )
+# One implementation, `_lora_dot`, for both sides: `dot_general`'s output order
+# (batch, lhs free, rhs free) is the product's natural order when the `LoraArray` is
+# on the right, and one transpose (folded away by XLA) when it is on the left.
 
 
 @quax.register(lax.dot_general_p)
-def _(
-    lhs: ArrayLike | quax.ArrayValue,
-    rhs: LoraArray,
-    *,
-    dimension_numbers,
-    precision,
-    preferred_element_type,
-    **params,
-):
-    del params
-    return _lora_dot(
-        rhs,
-        lhs,
-        False,
-        dimension_numbers,
-        precision=precision,
-        preferred_element_type=preferred_element_type,
-    )
+def _(lhs: LoraArray, rhs: ArrayLike | quax.ArrayValue, **params) -> Any:
+    return _lora_dot(lhs, rhs, True, **params)
 
 
 @quax.register(lax.dot_general_p)
-def _(
-    lhs: LoraArray,
-    rhs: LoraArray,
-    *,
-    dimension_numbers,
-    precision,
-    preferred_element_type,
-    **params,
-):
-    # The right-hand `LoraArray` is the "operand": each product of it with `w`, `a`
-    # or `b` re-dispatches to the rules above, so nothing is ever materialised.
-    del params
-    return _lora_dot(
-        lhs,
-        rhs,
-        True,
-        dimension_numbers,
-        precision=precision,
-        preferred_element_type=preferred_element_type,
-    )
+def _(lhs: ArrayLike | quax.ArrayValue, rhs: LoraArray, **params) -> Any:
+    return _lora_dot(rhs, lhs, False, **params)
+
+
+@quax.register(lax.dot_general_p)
+def _(lhs: LoraArray, rhs: LoraArray, **params) -> Any:
+    # Both rules above match; this one settles the dispatch. The right-hand
+    # `LoraArray` is the "operand": each product of it with `w`, `a` or `b`
+    # re-dispatches to the rules above, so nothing is ever materialised.
+    return _lora_dot(lhs, rhs, True, **params)

@@ -1,4 +1,4 @@
-"""Embedding lookups and slices of a `LoraArray`.
+"""Embedding lookups (`gather`) of a `LoraArray`.
 
 Rows of `w + s·b@a` are the rows of `w` plus the same rows of `b` times `a`:
 gathering an embedding table gathers `w` and the (vocab, rank) `b`, never the whole
@@ -6,23 +6,19 @@ table. Likewise columns are columns of `w` plus `b` times columns of `a`.
 
 - `gather` (`w[ids]`, `jnp.take`, a vmapped `eqx.nn.Embedding`) returns a plain
   array: `gather(w) + gather(b)·(s·a)` (or `(s·b)·gather(a)` for columns).
-- `dynamic_slice` and `slice` (`eqx.nn.Embedding`, `w[i]`, `w[2:5]`) keep the LoRA
-  form: they slice `w`, and the matching axes of `a` and `b`.
-- `squeeze` keeps the LoRA form unless it drops the output axis (or the last other
-  axis); then the result is the small plain array `w[0] + s·b[0]@a`.
-"""
 
-from typing import Any
+The other ways of reading part of a weight (`dynamic_slice`, `slice`, `squeeze`)
+keep the LoRA form and live with the rearrangements (`_rearrange`).
+"""
 
 import jax.lax as lax
 import jax.numpy as jnp
 import quax
 from jaxtyping import ArrayLike
 
-from .._dora import dora_scale, replace, with_norm
+from .._dora import dora_scale
 from .._lora_array import LoraArray
 from ._contract import bind, contract
-from ._structural import _replace
 
 
 def _offset_position(dnums, axis: int, ndim: int) -> int | None:
@@ -99,98 +95,3 @@ def _(
     sizes = list(slice_sizes)
     sizes[axis] = 1
     return out * gather(scale, tuple(sizes), fill_value=1)
-
-
-def _factor_axes(lora: LoraArray, axes: list, full: Any) -> tuple[list, list]:
-    """Per-axis slicing of `w` mapped onto `a` (batch, rank, rest) and `b` (batch,
-    out, rank); the rank axis is taken whole (`full`)."""
-    n = lora.batch_ndim
-    return axes[:n] + [full] + axes[n + 1 :], axes[: n + 1] + [full]
-
-
-def _magnitude_axes(lora: LoraArray, axes: list) -> list:
-    """Per-axis slicing of `w` mapped onto a DoRA magnitude `(*batch, size)`. The
-    norms are those of the whole array: slice only after `with_norm`."""
-    n = lora.batch_ndim
-    return axes[:n] + [axes[n + lora.dora_axis]]
-
-
-@quax.register(lax.dynamic_slice_p)
-def _(operand: LoraArray, *starts: ArrayLike, slice_sizes) -> LoraArray:
-    # dynamic_slice clamps each start into range; a and b have w's sizes on the
-    # axes they share with it, so they are clamped alike.
-    zero = jnp.zeros((), jnp.asarray(starts[0]).dtype)
-    axes = list(zip(starts, slice_sizes))
-    a_axes, b_axes = _factor_axes(operand, axes, (zero, operand.rank))
-
-    def dslice(x, axes):
-        s, z = zip(*axes)
-        return lax.dynamic_slice(x, s, z)
-
-    w = bind(
-        lambda w, *s: lax.dynamic_slice_p.bind(w, *s, slice_sizes=slice_sizes),
-        operand.weight,
-        *starts,
-    )
-    a, b = dslice(operand.a, a_axes), dslice(operand.b, b_axes)
-    if operand.magnitude is None:
-        return _replace(operand, weight=w, a=a, b=b)
-    m_axes = _magnitude_axes(operand, axes)
-    operand = with_norm(operand)
-    m, norm = dslice(operand.magnitude, m_axes), dslice(operand.norm, m_axes)
-    return replace(operand, weight=w, a=a, b=b, magnitude=m, norm=norm)
-
-
-@quax.register(lax.slice_p)
-def _(operand: LoraArray, *, start_indices, limit_indices, strides) -> LoraArray:
-    strides = (1,) * operand.ndim if strides is None else tuple(strides)
-    axes = list(zip(start_indices, limit_indices, strides))
-    a_axes, b_axes = _factor_axes(operand, axes, (0, operand.rank, 1))
-
-    def sl(x, ax):
-        s, l, st = zip(*ax)
-        return lax.slice(x, s, l, st)
-
-    w = bind(
-        lambda w: lax.slice_p.bind(
-            w, start_indices=start_indices, limit_indices=limit_indices, strides=strides
-        ),
-        operand.weight,
-    )
-    a, b = sl(operand.a, a_axes), sl(operand.b, b_axes)
-    if operand.magnitude is None:
-        return _replace(operand, weight=w, a=a, b=b)
-    m_axes = _magnitude_axes(operand, axes)
-    operand = with_norm(operand)
-    m, norm = sl(operand.magnitude, m_axes), sl(operand.norm, m_axes)
-    return replace(operand, weight=w, a=a, b=b, magnitude=m, norm=norm)
-
-
-@quax.register(lax.squeeze_p)
-def _(operand: LoraArray, *, dimensions) -> Any:
-    n, dims = operand.batch_ndim, tuple(dimensions)
-    rest_left = operand.ndim - n - 1 - sum(d > n for d in dims)
-    axis = n + operand.dora_axis
-    dora = operand.magnitude is not None
-    if n not in dims and rest_left >= 1 and not (dora and axis in dims):
-        w = bind(lambda w: lax.squeeze(w, dims), operand.weight)
-        # Batch or rest axes only: squeeze them from the factors alike.
-        a = lax.squeeze(operand.a, tuple(d for d in dims if d != n))
-        b = lax.squeeze(operand.b, tuple(d for d in dims if d < n))
-        if not dora:
-            return _replace(operand, weight=w, a=a, b=b)
-        # DoRA: squeezing size-1 axes leaves the norms as they are.
-        batch = tuple(d for d in dims if d < n)
-        sq = lambda m: None if m is None else lax.squeeze(m, batch)
-        return replace(
-            operand,
-            weight=w,
-            a=a,
-            b=b,
-            magnitude=sq(operand.magnitude),
-            norm=sq(operand.norm),
-            dora_axis=operand.dora_axis - sum(n < d < axis for d in dims),
-        )
-    # Dropping the output axis (size 1) or the last other axis leaves no LoRA form:
-    # the result, `w[0] + s·b[0]@a`, is computed at its own (= the weight's) size.
-    return lax.squeeze(operand.merged(), dims)
