@@ -132,9 +132,27 @@ def _impl(x, y, *, xl, yl, out, precision, preferred_element_type):
     return dot(x, xl, y, yl, out, precision, preferred_element_type)
 
 
-def _abstract_eval(x, y, **params):
+def _aval(xshape, xdtype, yshape, ydtype, **params):
+    x, y = jax.ShapeDtypeStruct(xshape, xdtype), jax.ShapeDtypeStruct(yshape, ydtype)
     z = jax.eval_shape(ft.partial(_impl, **params), x, y)
     return jax.core.ShapedArray(z.shape, z.dtype)
+
+
+# Tracing a model meets the same few contractions over and over (every layer of a
+# width, each with its forward and tangent products): `eval_shape` once per kind.
+_cached_aval = ft.lru_cache(maxsize=4096)(_aval)
+
+
+def _abstract_eval(x, y, **params):
+    pet = params["preferred_element_type"]
+    if x.dtype == y.dtype and (pet is None or pet == x.dtype):
+        # The common case, without tracing a `dot_general` to find out.
+        sizes = dict(zip(params["xl"], x.shape)) | dict(zip(params["yl"], y.shape))
+        return jax.core.ShapedArray(tuple(sizes[l] for l in params["out"]), x.dtype)
+    try:
+        return _cached_aval(x.shape, x.dtype, y.shape, y.dtype, **params)
+    except TypeError:  # an unhashable parameter (a precision config, say)
+        return _aval(x.shape, x.dtype, y.shape, y.dtype, **params)
 
 
 def _transpose(operand: str, g, x, y, *, xl, yl, out, **kwargs):
