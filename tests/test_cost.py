@@ -5,6 +5,7 @@ rule that starts materialising `w + s·b@a`, a full-size gradient of a frozen we
 or a transposed copy of a large cotangent fails here rather than in a benchmark.
 """
 
+import re
 from unittest import mock
 
 import equinox as eqx
@@ -176,6 +177,50 @@ def test_grad_of_b_does_not_transpose_cotangent(getkey):
     hlo = _compile(jax.grad(loss, argnums=(0, 1)), trainable, x).as_text()
     assert f"f32[{dout},{tokens}]" not in hlo
     assert f"f32[{dout},4,{tokens // 4}]" not in hlo
+
+
+def _dots_reading(hlo: str, shape: str) -> list[tuple[str, int]]:
+    """Every `dot` of an optimised HLO module that reads an array of `shape`
+    (`"f32[96,160]"`), as (which operand, its first contracting dimension)."""
+    found = []
+    for comp in hlo.split("\n\n"):
+        shapes = dict(re.findall(r"%([\w.\-]+) = (\w+\[[\d,]*\])", comp))
+        pattern = r"dot\(%([\w.\-]+), %([\w.\-]+)\), lhs_contracting_dims=\{(\d+)"
+        for line in comp.splitlines():
+            m = re.search(pattern, line)
+            if m is None:
+                continue
+            lhs, rhs, lc = m.groups()
+            rc = re.search(r"rhs_contracting_dims=\{(\d+)", line).group(1)
+            for side, name, c in (("lhs", lhs, lc), ("rhs", rhs, rc)):
+                if shapes.get(name) == shape:
+                    found.append((side, int(c)))
+    return found
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's dot layouts")
+def test_factor_gradients_read_the_cotangent_row_major(getkey):
+    # The backward reads the (tokens, out) cotangent g in three products: g·wᵀ,
+    # g·b and the gradient of `b`, tᵀ·g. XLA folds the final transpose of
+    # (tᵀ·g)ᵀ into the product, making it gᵀ·t: g on the left with its row axis
+    # contracted, which XLA:CPU runs as a generic matmul about 3× slower than
+    # tᵀ·g. `contract_p`'s CPU lowering pins small transposes (a 32 KiB copy of
+    # `t`), so every product reads g as a row-major left operand or as the right
+    # operand of a plain matrix product.
+    tokens, din, dout = 96, 64, 160
+    lin = eqx.nn.Linear(din, dout, key=getkey())
+    trainable, frozen = ql.partition(ql.loraify(lin, rank=RANK, key=getkey()))
+    x = jr.normal(getkey(), (tokens, din))
+
+    def loss(t, x):
+        model = eqx.combine(t, frozen)
+        y = quax.quaxify(lambda m, x: jax.vmap(m)(x))(model, x)
+        return jnp.sum(jnp.tanh(y))
+
+    hlo = _compile(jax.grad(loss, argnums=(0, 1)), trainable, x).as_text()
+    reads = _dots_reading(hlo, f"f32[{tokens},{dout}]")
+    assert len(reads) == 3, reads  # g·wᵀ, g·b and tᵀ·g
+    assert ("lhs", 0) not in reads, reads
 
 
 def _temp_bytes(compiled) -> int:

@@ -132,9 +132,27 @@ def _impl(x, y, *, xl, yl, out, precision, preferred_element_type):
     return dot(x, xl, y, yl, out, precision, preferred_element_type)
 
 
-def _abstract_eval(x, y, **params):
+def _aval(xshape, xdtype, yshape, ydtype, **params):
+    x, y = jax.ShapeDtypeStruct(xshape, xdtype), jax.ShapeDtypeStruct(yshape, ydtype)
     z = jax.eval_shape(ft.partial(_impl, **params), x, y)
     return jax.core.ShapedArray(z.shape, z.dtype)
+
+
+# Tracing a model meets the same few contractions over and over (every layer of a
+# width, each with its forward and tangent products): `eval_shape` once per kind.
+_cached_aval = ft.lru_cache(maxsize=4096)(_aval)
+
+
+def _abstract_eval(x, y, **params):
+    pet = params["preferred_element_type"]
+    if x.dtype == y.dtype and (pet is None or pet == x.dtype):
+        # The common case, without tracing a `dot_general` to find out.
+        sizes = dict(zip(params["xl"], x.shape)) | dict(zip(params["yl"], y.shape))
+        return jax.core.ShapedArray(tuple(sizes[l] for l in params["out"]), x.dtype)
+    try:
+        return _cached_aval(x.shape, x.dtype, y.shape, y.dtype, **params)
+    except TypeError:  # an unhashable parameter (a precision config, say)
+        return _aval(x.shape, x.dtype, y.shape, y.dtype, **params)
 
 
 def _transpose(operand: str, g, x, y, *, xl, yl, out, **kwargs):
@@ -161,10 +179,46 @@ def _batch(args, dims, *, xl, yl, out, **kwargs):
     return z, 0
 
 
+# A relayout the CPU lowering pins (see `_impl_cpu`) is at most this fraction of the
+# largest array of the product.
+PIN_MAX_FRACTION = 0.25
+
+
+def _impl_cpu(x, y, *, xl, yl, out, precision, preferred_element_type):
+    """The CPU lowering: the product in the layout `_relayouts` (and so `cheapest`)
+    prices. Each small operand or result that is not in the matmul's natural order
+    is transposed explicitly, behind an `optimization_barrier`, so that XLA's
+    transpose folding cannot move the transpose into the dot. Left to itself, XLA
+    turns `(tᵀ·g)ᵀ`, the gradient of a LoRA factor `b`, back into `gᵀ·t` with the
+    big cotangent's contracted axis leading, which XLA:CPU runs as a generic
+    (Eigen) matmul about 3× slower than the same product with a 32 KiB transposed
+    copy of `t` in front of the fast matmul kernel. Relayouts of arrays larger than
+    `PIN_MAX_FRACTION` of the product's largest array stay XLA's to fold."""
+    _, batch, summed, free_x, free_y = _dimension_numbers(xl, yl, out)
+    natural = batch + free_x + free_y
+    big = max(math.prod(x.shape), math.prod(y.shape), size_of(out, x, xl, y, yl))
+    small = lambda n: n <= PIN_MAX_FRACTION * big
+
+    def pin(a, labels, want):
+        if list(labels) == want or not small(math.prod(a.shape)):
+            return a, labels
+        return lax.optimization_barrier(transpose_to(a, labels, want)), want
+
+    x, xl = pin(x, xl, batch + free_x + summed)
+    y, yl = pin(y, yl, batch + summed + free_y)
+    z = dot(x, xl, y, yl, natural, precision, preferred_element_type)
+    if list(out) != natural and small(math.prod(z.shape)):
+        z = lax.optimization_barrier(z)
+    return transpose_to(z, natural, out)
+
+
 contract_p = jexc.Primitive("quaxlora_contract")
 contract_p.def_impl(_impl)
 contract_p.def_abstract_eval(_abstract_eval)
 mlir.register_lowering(contract_p, mlir.lower_fun(_impl, multiple_results=False))
+mlir.register_lowering(
+    contract_p, mlir.lower_fun(_impl_cpu, multiple_results=False), platform="cpu"
+)
 ad.defbilinear(contract_p, ft.partial(_transpose, "x"), ft.partial(_transpose, "y"))
 batching.primitive_batchers[contract_p] = _batch
 

@@ -47,6 +47,7 @@ import functools as ft
 from typing import Any, NamedTuple
 
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 
 from ._contract import contract, dot, size_of, transpose_to
@@ -107,6 +108,14 @@ def _mapped_like(f2, w) -> bool:
     return _vmaps(f2) <= _vmaps(w)
 
 
+def _scaled(s: float, a, dtype):
+    """`(s·a).astype(dtype)`, binding nothing that would be a no-op (the scale is 1
+    with the default `alpha = rank`): fewer operations to trace."""
+    if s != 1:
+        a = s * a
+    return a if a.dtype == dtype else a.astype(dtype)
+
+
 def forward(spec: Spec, x, w, f1, f2, xa=None, *, fuse: bool, dot=dot):
     """`x·w + s·(xa·f1)·f2`, and `t = xa·f1`, where `xa` is the adapter branch's
     input (`x`, or `x` after LoRA dropout). `dot` computes one labelled product
@@ -122,18 +131,17 @@ def forward(spec: Spec, x, w, f1, f2, xa=None, *, fuse: bool, dot=dot):
     y_size = size_of(spec.out, x, spec.xl, w, spec.wl)
     if c is not None and w.size <= FUSE_MAX_COPY * y_size and _mapped_like(f2, w):
         renamed = lambda labels: tuple(c if l == "k" else l for l in labels)
-        st = (spec.scaling * t).astype(x.dtype)
-        st = transpose_to(st, renamed(spec.tl), spec.xl)
-        f2w = transpose_to(f2.astype(w.dtype), renamed(spec.f2l), spec.wl)
-        xx = jnp.concatenate([x, st], axis=spec.xl.index(c))
-        ww = jnp.concatenate([w, f2w], axis=spec.wl.index(c))
+        st = transpose_to(_scaled(spec.scaling, t, x.dtype), renamed(spec.tl), spec.xl)
+        f2w = transpose_to(_scaled(1, f2, w.dtype), renamed(spec.f2l), spec.wl)
+        xx = lax.concatenate([x, st], spec.xl.index(c))
+        ww = lax.concatenate([w, f2w], spec.wl.index(c))
         return dot(xx, spec.xl, ww, spec.wl, spec.out, **kw), t
     base = dot(x, spec.xl, w, spec.wl, spec.out, **kw)
     # Fold the scale into whichever operand of the second product is smaller.
     if t.size < f2.size:
-        st, sf2 = (spec.scaling * t).astype(t.dtype), f2.astype(t.dtype)
+        st, sf2 = _scaled(spec.scaling, t, t.dtype), _scaled(1, f2, t.dtype)
     else:
-        st, sf2 = t, (spec.scaling * f2).astype(t.dtype)
+        st, sf2 = t, _scaled(spec.scaling, f2, t.dtype)
     delta = dot(st, spec.tl, sf2, spec.f2l, spec.out, **kw)
     return (base + delta.astype(base.dtype)).astype(base.dtype), t
 
@@ -169,18 +177,18 @@ def _jvp(spec: Spec, primals, tangents):
     if df1 is not None:
         dt.append(contract(xa, spec.xl, df1, spec.f1l, spec.tl, **kw))
     if dt:
-        sdt = (s * sum(dt[1:], dt[0])).astype(t.dtype)
+        sdt = _scaled(s, sum(dt[1:], dt[0]), t.dtype)
         terms.append(contract(sdt, spec.tl, f2, spec.f2l, spec.out, **kw))
     if df2 is not None:
-        st = (s * t).astype(t.dtype)
+        st = _scaled(s, t, t.dtype)
         terms.append(contract(st, spec.tl, df2, spec.f2l, spec.out, **kw))
     if dw is not None and spec.w_grad:
         terms.append(contract(x, spec.xl, dw, spec.wl, spec.out, **kw))
     if not terms:
         return y, jnp.zeros_like(y)
-    dy = terms[0].astype(y.dtype)
+    dy = _scaled(1, terms[0], y.dtype)
     for term in terms[1:]:
-        dy = dy + term.astype(y.dtype)
+        dy = dy + _scaled(1, term, y.dtype)
     return y, dy
 
 
