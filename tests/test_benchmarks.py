@@ -12,7 +12,7 @@ def test_quick_benchmark_suite(tmp_path):
     with jax.enable_x64(False), jax.default_matmul_precision("default"):
         run.main(["--quick", "--no-peft", "--no-scan", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
-    for name in ("mlp", "gpt"):
+    for name in ("mlp", "gpt", "minilm"):
         r = results[name]
         full, lora = r["step_full"]["flops"], r["step_quaxlora"]["flops"]
         floor = r["step_floor"]["flops"]
@@ -27,10 +27,14 @@ def test_quick_benchmark_suite(tmp_path):
         assert r["infer_base"]["flops"] < r["infer_unmerged"]["flops"]
         for figure in ("step_time", "step_ratio", "infer_ratio", "trace_time"):
             assert r[figure]
+        assert r["compile_time"]["full"] > 0 and r["compile_time"]["quaxlora"] > 0
+    for name in ("mlp", "gpt"):
         # QLoRA stores the frozen base in 4 bits.
+        r = results[name]
         assert r["frozen_bytes"]["qlora"] < 0.3 * r["frozen_bytes"]["lora"]
     table = (tmp_path / "results.md").read_text()
     assert "frozen floor" in table and "| gpt | train step" in table
+    assert "| minilm | step compile, s" in table
     # DoRA rows: the norms add rank-sized work only (a few percent of FLOPs here).
     for name in ("mlp", "gpt"):
         d = results["dora"][name]
