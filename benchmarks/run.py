@@ -88,9 +88,9 @@ def run_model(task, cfg, key) -> dict:
     suite = build(task, key, extras=task.name in cfg.extras)
     for v in (*suite.train.values(), *suite.infer.values()):
         v.compile()
-    models = dict(lora=suite.lora, qlora=suite.qlora)
+    adapted = dict(lora=suite.lora, qlora=suite.qlora)
     res = dict(
-        frozen_bytes={k: ql.stored_bytes(m) for k, m in models.items() if m},
+        frozen_bytes={k: ql.stored_bytes(m) for k, m in adapted.items() if m},
         analytic_flops_full=flops.analytic_matmul_flops(task, suite.lora, lora=False),
         analytic_flops_lora=flops.analytic_matmul_flops(task, suite.lora, lora=True),
     )
