@@ -209,9 +209,10 @@ def plot(results, path):
         floors = [(r["step_ratio"]["floor"], "frozen floor (JAX)", "--")]
         if p:
             floors.append((p["floor_ratio"], "frozen floor (PyTorch)", ":"))
-        for y, text, ls in floors:
+        floors.sort(reverse=True)  # the upper label above its line, the lower below
+        for (y, text, ls), va in zip(floors, ("bottom", "top")):
             ax.axhline(y, color="tab:blue", lw=0.8, ls=ls)
-            ax.text(xs[-1] + 0.45, y, text, va="bottom", ha="right", size=7)
+            ax.text(xs[-1] + 0.45, y, text, va=va, ha="right", size=7)
         ax.set_xticks(xs, labels)
         ax.set_title(name.upper() if name != "minilm" else "all-MiniLM-L6-v2")
         ax.set_ylabel("time ratio (lower is better)")
