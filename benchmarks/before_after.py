@@ -6,7 +6,7 @@ timed interleaved (medians of per-round ratios):
 1. quaxlora as it is: the hand-written backward, and under differentiation a fused
    forward (one product against `[w | b]`, see `quaxlora/_rules/_factored.py`);
 2. the hand-written backward with the two-product forward (`FUSE_MAX_COPY = 0`);
-3. autodiff's own backward: every `custom_vjp` bypassed, the same forward
+3. autodiff's own backward: the product's `custom_jvp` bypassed, the same forward
    differentiated by JAX.
 """
 
@@ -19,27 +19,16 @@ import jax.random as jr
 import optax
 
 import quaxlora as ql
-import quaxlora._rules._contract as _c
 import quaxlora._rules._dot_general as _dg
 import quaxlora._rules._factored as _f
-from benchmarks.run import (
-    Config,
-    gpt_task,
-    make_full_step,
-    make_lora_step,
-    mlp_task,
-    QUICK,
-    time_interleaved,
-    Variant,
-)
+from benchmarks.models import Config, gpt_task, mlp_task, QUICK
+from benchmarks.steps import step_variant
+from benchmarks.timing import time_interleaved
 
 
-def _autodiff_contract(spec, x, y):
-    return _c._dot(x, spec[0], y, *spec[1:])
-
-
-def _autodiff_factored(spec, x, w, f1, f2):
-    return _f.forward(spec, x, w, f1, f2, fuse=False)[0]
+def _autodiff_factored(spec, x, w, f1, f2, xa=None):
+    # The same forward as the shipped rule, without its `custom_jvp`.
+    return _f.forward(spec, x, w, f1, f2, xa, fuse=False)[0]
 
 
 @contextlib.contextmanager
@@ -50,10 +39,7 @@ def two_product_forward():
 
 @contextlib.contextmanager
 def autodiff_backward():
-    with (
-        mock.patch.object(_c, "_contract", _autodiff_contract),
-        mock.patch.object(_dg, "factored_product", _autodiff_factored),
-    ):
+    with mock.patch.object(_dg, "factored_product", _autodiff_factored):
         yield
 
 
@@ -61,20 +47,16 @@ LABELS = ["fused forward", "two-product forward", "autodiff backward"]
 
 
 def variants(task):
-    model, (x, y), loss, exclude, _ = task
     opt = optax.adam(1e-4)
-    params, static = eqx.partition(model, eqx.is_array)
-    lora = ql.loraify(model, rank=16, key=jr.key(1), exclude=exclude)
-    arrays, lstatic = eqx.partition(lora, eqx.is_array)
-    tr, fr = eqx.partition(arrays, ql.trainable_spec(lora))
-    full = Variant(make_full_step(loss, static, opt), (params, opt.init(params), x, y))
+    lora = ql.loraify(task.model, rank=task.rank, key=jr.key(1), **task.lora)
+    spec = ql.trainable_spec(lora)
+    # No buffer donation: full fine-tuning pays for new parameter buffers.
+    full = step_variant(task, task.model, eqx.is_array, opt, quaxified=False, donate=())
     full.compile()
     out = [full]
     for ctx in (contextlib.nullcontext, two_product_forward, autodiff_backward):
         with ctx():
-            v = Variant(
-                make_lora_step(loss, lstatic, opt), (tr, opt.init(tr), fr, x, y)
-            )
+            v = step_variant(task, lora, spec, opt, quaxified=True, donate=())
             v.compile()
         out.append(v)
     return out

@@ -9,40 +9,32 @@ FLOP and memory counts come from the compiled steps and are deterministic.
 
 import copy
 
-import equinox as eqx
 import optax
 
 import quaxlora as ql
+from benchmarks import models, steps, timing
+from benchmarks.models import RANK
 
 
-def _lora_step(run, model, task, cfg, key, **kw):
-    _, (x, y), loss, exclude, _ = task
-    opt = optax.adam(1e-4)
-    lora = ql.loraify(model, rank=run.RANK, key=key, exclude=exclude, **kw)
-    arrays, static = eqx.partition(lora, eqx.is_array)
-    trainable, frozen = eqx.partition(arrays, ql.trainable_spec(lora))
-    return run.Variant(
-        run.make_lora_step(loss, static, opt),
-        (trainable, opt.init(trainable), frozen, x, y),
-        (0, 1),
-        2,
-    )
+def _lora_step(task, key, **kw):
+    lora = ql.loraify(task.model, rank=task.rank, key=key, **task.lora, **kw)
+    spec = ql.trainable_spec(lora)
+    return steps.step_variant(task, lora, spec, optax.adam(1e-4), quaxified=True)
 
 
-def run_model(run, name, task, cfg, key):
+def run_model(task, cfg, key):
     """quaxlora's LoRA and DoRA training steps: seconds, ratio, XLA FLOPs, memory."""
-    print(f"\n## {name}: DoRA vs LoRA", flush=True)
-    model = task[0]
-    steps = [_lora_step(run, model, task, cfg, key, use_dora=d) for d in (False, True)]
-    for v in steps:
+    print(f"\n## {task.name}: DoRA vs LoRA", flush=True)
+    variants = [_lora_step(task, key, use_dora=d) for d in (False, True)]
+    for v in variants:
         v.compile()
-    med, ratio = run.time_interleaved(steps, cfg.reps)
+    med, ratio = timing.time_interleaved(variants, cfg.reps)
     res = dict(
         lora_step=med[0],
         dora_step=med[1],
         dora_ratio=ratio[1],
-        lora_cost=steps[0].cost(),
-        dora_cost=steps[1].cost(),
+        lora_cost=variants[0].cost(),
+        dora_cost=variants[1].cost(),
     )
     print(res, flush=True)
     return res
@@ -75,7 +67,7 @@ def run_peft(cfg, rank, peft, torch):
 
             return f
 
-        (lora, dora), (_, ratio) = torch_models._interleaved(
+        (lora, dora), (_, ratio) = timing.interleaved(
             [make(False), make(True)], cfg.reps
         )
         return dict(lora_step=lora, dora_step=dora, dora_ratio=ratio)
@@ -100,10 +92,10 @@ def run_peft(cfg, rank, peft, torch):
     return out
 
 
-def run_all(run, cfg, key, *, with_peft: bool):
+def run_all(cfg, key, *, with_peft: bool):
     res = {
-        "mlp": run_model(run, "MLP", run.mlp_task(cfg, key), cfg, key),
-        "gpt": run_model(run, "GPT", run.gpt_task(cfg, key), cfg, key),
+        "mlp": run_model(models.mlp_task(cfg, key), cfg, key),
+        "gpt": run_model(models.gpt_task(cfg, key), cfg, key),
         "peft": None,
     }
     if with_peft:
@@ -112,7 +104,7 @@ def run_all(run, cfg, key, *, with_peft: bool):
             import torch
         except ImportError:
             return res
-        res["peft"] = run_peft(cfg, run.RANK, peft, torch)
+        res["peft"] = run_peft(cfg, RANK, peft, torch)
     return res
 
 

@@ -31,8 +31,8 @@ import quaxlora as ql
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from benchmarks.models import GPT  # noqa: E402
-from benchmarks.run import Config, QUICK, RANK, time_interleaved, Variant  # noqa: E402
+from benchmarks.models import Config, GPT, QUICK, RANK  # noqa: E402
+from benchmarks.timing import time_interleaved, Variant  # noqa: E402
 
 
 ADAPTERS = 8
@@ -88,9 +88,9 @@ def build(cfg: Config, key, adapters: int = ADAPTERS) -> dict:
         return jnp.concatenate(outs)
 
     variants = dict(
-        single=Variant(single, (one_arrays, x)),
-        mixed=Variant(mixed, (arrays, x, ids)),
-        grouped=Variant(grouped, (arrays, x)),
+        single=Variant(lambda: single, (one_arrays, x)),
+        mixed=Variant(lambda: mixed, (arrays, x, ids)),
+        grouped=Variant(lambda: grouped, (arrays, x)),
     )
     # The loop: separate calls of one compiled single-example function.
     per_adapter = [eqx.partition(m, eqx.is_array)[0] for m in models]

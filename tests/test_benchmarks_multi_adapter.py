@@ -10,7 +10,7 @@ import pytest
 import quax
 
 import quaxlora as ql
-from benchmarks import multi_adapter, run
+from benchmarks import models, multi_adapter
 
 
 # `eqx.error_if` under `jax.vmap` inside `jit` (`select_adapter`'s check of a traced
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.no_leak_check
 
 def test_variants_agree():
     with jax.enable_x64(False), jax.default_matmul_precision("default"):
-        b = multi_adapter.build(run.QUICK, jr.key(0), adapters=3)
+        b = multi_adapter.build(models.QUICK, jr.key(0), adapters=3)
         v = b["variants"]
         mixed = v["mixed"].jit(*v["mixed"].args)
         grouped = v["grouped"].jit(*v["grouped"].args)

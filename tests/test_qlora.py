@@ -374,7 +374,7 @@ def test_stored_bytes(getkey):
 
 
 def _step_memory(model, tokens):
-    from benchmarks.run import make_lora_step
+    from benchmarks.steps import make_step
 
     trainable, rest = ql.partition(model)
     frozen, static = eqx.partition(rest, eqx.is_array)
@@ -384,7 +384,7 @@ def _step_memory(model, tokens):
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     opt = optax.sgd(0.1)
-    step = make_lora_step(loss, static, opt)
+    step = make_step(loss, static, opt, quaxified=True)
     x, y = tokens[:, :-1], tokens[:, 1:]
     args = (trainable, opt.init(trainable), frozen, x, y)
     return jax.jit(step).lower(*args).compile().memory_analysis()
