@@ -25,7 +25,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from ._lora_array import _dense_weight, is_value, LoraArray
+from ._lora_array import _dense_weight, at_least_float32, is_value, LoraArray
 
 
 def _dot(x, xl, y, yl, out):
@@ -43,7 +43,7 @@ def dora_norm(lora: LoraArray) -> Array:
     if lora.norm is not None:
         return lora.norm
     n, d = lora.batch_ndim, lora.dora_axis
-    dt = jnp.promote_types(lora.dtype, jnp.float32)
+    dt = at_least_float32(lora.dtype)
     w = lax.stop_gradient(lora.weight)
     a = lax.stop_gradient(lora.a).astype(dt)
     b = lax.stop_gradient(lora.b).astype(dt)
