@@ -230,8 +230,9 @@ def test_transpose_and_convert(getkey):
     t = quax.quaxify(f)(q)  # lazy: still quantised
     assert isinstance(t, ql.QuantisedArray) and t.shape == (2, 4, 6)
     np.testing.assert_array_equal(t.materialise(), f(dense))
-    out = quax.quaxify(lambda w, x: f(w) @ x)(q, jnp.ones((6,)))
-    assert_tree_allclose(out, f(dense) @ jnp.ones((6,)), **F32)
+    ones = jnp.ones((6,), jnp.float32)
+    out = quax.quaxify(lambda w, x: f(w) @ x)(q, ones)
+    assert_tree_allclose(out, f(dense) @ ones, **F32)
     b = quax.quaxify(lambda w, x: w.astype(jnp.bfloat16) @ x)(
         q, jnp.ones((4,), jnp.bfloat16)
     )
