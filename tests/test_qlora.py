@@ -116,7 +116,8 @@ def test_zero_block_has_no_nan():
 
 
 def test_double_quant(getkey):
-    w = jr.normal(getkey(), (96, 64), jnp.float32) * jnp.linspace(0.1, 3, 64)
+    scale = jnp.linspace(0.1, 3, 64, dtype=jnp.float32)[None]  # per column
+    w = jr.normal(getkey(), (96, 64), jnp.float32) * scale
     q = ql.quantise(w, "nf4", block_size=16, double_quant=True)
     assert q.scales.dtype == jnp.uint8 and q.scales2.dtype == jnp.float32
     assert q.scales.shape == (384,) and q.scales2.shape == (2,)
