@@ -28,7 +28,7 @@ from .helpers import assert_tree_allclose
 
 
 TOL = dict(rtol=1e-5, atol=1e-5)
-FEW = settings(max_examples=10, deadline=None)
+FEW = settings(max_examples=6, deadline=None)
 
 
 @st.composite
@@ -258,7 +258,7 @@ def _perturbed(model, key):
     return eqx.combine(jtu.tree_unflatten(treedef, leaves), frozen)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     _structure(),
     st.lists(st.sampled_from(sorted(_TYPES)), min_size=1, max_size=3, unique=True),
