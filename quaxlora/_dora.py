@@ -24,7 +24,13 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from ._lora_array import dense_weight, is_value, LoraArray, replace_fields
+from ._lora_array import (
+    at_least_float32,
+    dense_weight,
+    is_value,
+    LoraArray,
+    replace_fields,
+)
 
 
 def _dot(x, xl, y, yl, out):
@@ -42,7 +48,7 @@ def dora_norm(lora: LoraArray) -> Array:
     if lora.norm is not None:
         return lora.norm
     n, d = lora.batch_ndim, lora.dora_axis
-    dt = jnp.promote_types(lora.dtype, jnp.float32)
+    dt = at_least_float32(lora.dtype)
     w = lax.stop_gradient(lora.weight)
     a = lax.stop_gradient(lora.a).astype(dt)
     b = lax.stop_gradient(lora.b).astype(dt)

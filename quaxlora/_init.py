@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, PRNGKeyArray
 
-from ._lora_array import is_value
+from ._lora_array import at_least_float32, is_value
 
 
 Init = Literal["default", "gaussian", "pissa", "olora"]
@@ -25,7 +25,7 @@ RESIDUAL = ("pissa", "olora")
 
 def _matrix(w: Array, batch_ndim: int) -> Array:
     """`w` as `(*batch, out, prod(rest))` in float32 (or wider)."""
-    dt = jnp.promote_types(w.dtype, jnp.float32)
+    dt = at_least_float32(w.dtype)
     return w.reshape(w.shape[: batch_ndim + 1] + (-1,)).astype(dt)
 
 

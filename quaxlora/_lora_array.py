@@ -35,6 +35,13 @@ def dense_weight(w: Any) -> Array:
     return w.materialise() if is_value(w) else w
 
 
+def at_least_float32(dtype: Any) -> Any:
+    """`dtype` if it is float32 or wider, else float32. (Not `jnp.promote_types`,
+    which raises for bfloat16 or float64 under `jax_numpy_dtype_promotion="strict"`.)
+    """
+    return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+
+
 def check_rank(rank: Any) -> int:
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0:
         raise ValueError(f"`rank` must be a positive int, got {rank!r}.")

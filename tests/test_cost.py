@@ -52,7 +52,9 @@ def _lora_step(model, opt):
             return quax.quaxify(_loss)(eqx.combine(t, frozen, static), x, y)
 
         grads = jax.grad(f)(trainable)
-        updates, opt_state = opt.update(grads, opt_state, trainable)
+        # optax mixes Python floats with its int32 step count: standard promotion.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = opt.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state
 
     return step, (trainable, opt.init(trainable), frozen)
@@ -63,7 +65,9 @@ def _full_step(model, opt):
 
     def step(params, opt_state, x, y):
         grads = jax.grad(lambda p: _loss(eqx.combine(p, static), x, y))(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
+        # optax mixes Python floats with its int32 step count: standard promotion.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
     return step, (params, opt.init(params))

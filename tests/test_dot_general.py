@@ -22,8 +22,6 @@ import quaxlora._rules._factored as factored
 from .helpers import assert_tree_allclose, nonzero_lora, TOLS
 
 
-pytestmark = pytest.mark.usefixtures("strict_promotion")
-
 FUSE_MODES = {"fused": math.inf, "two-product": 0}
 
 

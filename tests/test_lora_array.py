@@ -14,9 +14,6 @@ import quaxlora as ql
 from .helpers import assert_tree_allclose, nonzero_lora
 
 
-pytestmark = pytest.mark.usefixtures("strict_promotion")
-
-
 def test_shapes_and_init(getkey):
     w = jr.normal(getkey(), (6, 5), jnp.float32)
     lora = ql.LoraArray(w, rank=3, key=getkey())

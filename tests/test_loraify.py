@@ -11,9 +11,6 @@ import quaxlora as ql
 from .helpers import assert_tree_allclose
 
 
-pytestmark = pytest.mark.usefixtures("strict_promotion")
-
-
 def _is_lora(x):
     return isinstance(x, ql.LoraArray)
 

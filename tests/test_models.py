@@ -81,7 +81,9 @@ def _train(lora, loss_fn, x, y, steps=3):
             return loss_fn(quax.quaxify(eqx.combine(t, frozen)), x, y)
 
         value, grads = eqx.filter_value_and_grad(loss)(trainable)
-        updates, state = optim.update(grads, state, trainable)
+        # optax mixes Python floats with its int32 step count: standard promotion.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, state = optim.update(grads, state, trainable)
         return eqx.apply_updates(trainable, updates), state, value
 
     losses = []

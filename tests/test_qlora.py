@@ -116,7 +116,8 @@ def test_zero_block_has_no_nan():
 
 
 def test_double_quant(getkey):
-    w = jr.normal(getkey(), (96, 64), jnp.float32) * jnp.linspace(0.1, 3, 64)
+    scale = jnp.linspace(0.1, 3, 64, dtype=jnp.float32)[None]  # per column
+    w = jr.normal(getkey(), (96, 64), jnp.float32) * scale
     q = ql.quantise(w, "nf4", block_size=16, double_quant=True)
     assert q.scales.dtype == jnp.uint8 and q.scales2.dtype == jnp.float32
     assert q.scales.shape == (384,) and q.scales2.shape == (2,)
@@ -230,8 +231,9 @@ def test_transpose_and_convert(getkey):
     t = quax.quaxify(f)(q)  # lazy: still quantised
     assert isinstance(t, ql.QuantisedArray) and t.shape == (2, 4, 6)
     np.testing.assert_array_equal(t.materialise(), f(dense))
-    out = quax.quaxify(lambda w, x: f(w) @ x)(q, jnp.ones((6,)))
-    assert_tree_allclose(out, f(dense) @ jnp.ones((6,)), **F32)
+    ones = jnp.ones((6,), jnp.float32)
+    out = quax.quaxify(lambda w, x: f(w) @ x)(q, ones)
+    assert_tree_allclose(out, f(dense) @ ones, **F32)
     b = quax.quaxify(lambda w, x: w.astype(jnp.bfloat16) @ x)(
         q, jnp.ones((4,), jnp.bfloat16)
     )

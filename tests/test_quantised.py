@@ -41,7 +41,7 @@ def _(x: ArrayLike, w: Int8Array, *, dimension_numbers, **params):
     assert wc == (1,) and not xb
     del params
     y = lax.dot_general(x, w.q.astype(x.dtype), dimension_numbers)
-    return y * w.scale[:, 0]
+    return y * w.scale[:, 0][None]
 
 
 def test_lora_over_int8_base(getkey):

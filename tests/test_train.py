@@ -59,7 +59,9 @@ def test_adapter_only_training_on_digits(getkey):
     @eqx.filter_jit
     def step(trainable, state, x, y):
         value, grads = eqx.filter_value_and_grad(loss)(trainable, frozen, x, y)
-        updates, state = opt.update(grads, state, trainable)
+        # optax mixes Python floats with its int32 step count: standard promotion.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, state = opt.update(grads, state, trainable)
         return eqx.apply_updates(trainable, updates), state, value, grads
 
     adapters = _adapter_size(model)

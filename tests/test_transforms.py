@@ -13,9 +13,6 @@ import quaxlora as ql
 from .helpers import assert_tree_allclose
 
 
-pytestmark = pytest.mark.usefixtures("strict_promotion")
-
-
 def _trained(model, key, scale=0.3):
     """Give every `b` random values, as after some training."""
 

@@ -135,7 +135,9 @@ def test_loraplus(getkey, schedule):
         assert_tree_allclose(got_l.magnitude, want_l.magnitude, **TOL)
     # Any optimiser, with its own options.
     adamw = ql.loraplus(optax.adamw, 1e-3, weight_decay=0.1)
-    adamw.update(grads, adamw.init(trainable), trainable)
+    # optax mixes Python floats with its int32 step count: standard promotion.
+    with jax.numpy_dtype_promotion("standard"):
+        adamw.update(grads, adamw.init(trainable), trainable)
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])

@@ -73,6 +73,7 @@ def _(
     f = (lora.scaling * f).astype(t.dtype)
     fl = ["k", labels[p]] if axis == 1 else [labels[p], "k"]
     delta = contract(t, tl, f, fl, labels)
+    valid = None
     if params["mode"] == lax.GatherScatterMode.FILL_OR_DROP:
         # The dense gather's transpose drops the cotangent of out-of-bounds slices;
         # drop it here too, so a NaN there cannot reach `a` or `b` through 0·NaN.
@@ -90,7 +91,9 @@ def _(
     if lora.dora_axis == axis:
         shape = [1] * out.ndim
         shape[p] = scale.shape[0]
-        return out * scale.reshape(shape)
+        scaled = out * scale.reshape(shape)
+        # An out-of-bounds slice holds the fill value, which is not rescaled.
+        return scaled if valid is None else jnp.where(valid > 0, scaled, out)
     scale = jnp.expand_dims(scale, axis)
     sizes = list(slice_sizes)
     sizes[axis] = 1
