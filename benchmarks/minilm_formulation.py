@@ -39,15 +39,23 @@ import quax
 
 import quaxlora as ql
 
+
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "examples" / "bert"))
 import minilm  # noqa: E402
 
 
-TARGETS = ["query_proj", "key_proj", "value_proj", "output_proj", "intermediate",
-           "output"]
+TARGETS = [
+    "query_proj",
+    "key_proj",
+    "value_proj",
+    "output_proj",
+    "intermediate",
+    "output",
+]
 
 
 # --- formulation pieces ------------------------------------------------------------
+
 
 def lin_vmap(linear, x):
     return jax.vmap(linear)(x)
@@ -107,8 +115,11 @@ def make_embed(lin, ln, attn, gelu=gelu_exact):
     def forward(model, ids, mask):
         e = model.embeddings
         positions = jnp.arange(ids.shape[0])
-        x = (e.word_embeddings.weight[ids] + e.position_embeddings.weight[positions]
-             + e.token_type_embeddings.weight[0])
+        x = (
+            e.word_embeddings.weight[ids]
+            + e.position_embeddings.weight[positions]
+            + e.token_type_embeddings.weight[0]
+        )
         x = ln(e.norm, x)
         for layer in model.layers:
             x = ln(layer.attention_norm, x + attn(layer.attention, x, mask, lin))
@@ -161,6 +172,7 @@ def floor_step(embed, model):
         def f(p):
             m = eqx.tree_at(is_ln_param, model, p)
             return loss_fn(embed, m, ids, mask)
+
         return jax.value_and_grad(f)(params)
 
     return step, params
@@ -174,7 +186,8 @@ def lora_step(embed, lora_model):
     @eqx.filter_jit
     def step(params, opt_state, ids, mask):
         loss, g = eqx.filter_value_and_grad(
-            lambda p: loss_fn(embed, eqx.combine(p, static), ids, mask))(params)
+            lambda p: loss_fn(embed, eqx.combine(p, static), ids, mask)
+        )(params)
         updates, opt_state = optim.update(g, opt_state, params)
         return eqx.apply_updates(params, updates), opt_state, loss
 
@@ -214,8 +227,11 @@ def main():
     for n in names:
         e = np.asarray(eqx.filter_jit(embed_fn(n))(model, ids, mask))
         el = np.asarray(eqx.filter_jit(embed_fn(n))(lora_model, ids, mask))
-        print(f"{n:24s} max|diff| plain {np.abs(e - ref).max():.2e}  "
-              f"lora {np.abs(el - ref_lora).max():.2e}", flush=True)
+        print(
+            f"{n:24s} max|diff| plain {np.abs(e - ref).max():.2e}  "
+            f"lora {np.abs(el - ref_lora).max():.2e}",
+            flush=True,
+        )
 
     steps = {}
     for n in names:
@@ -226,14 +242,19 @@ def main():
             cost = cost[0] if isinstance(cost, list) else cost
         except Exception:  # noqa: BLE001
             cost = {}
-        steps[("floor", n)] = (lambda fs=fs, fp=fp: fs(fp, model, ids, mask),
-                               cost.get("flops", float("nan")))
+        steps[("floor", n)] = (
+            lambda fs=fs, fp=fp: fs(fp, model, ids, mask),
+            cost.get("flops", float("nan")),
+        )
         if not args.no_lora:
             ls, (lp, lo) = lora_step(emb, lora_model)
-            steps[("lora", n)] = (lambda ls=ls, lp=lp, lo=lo: ls(lp, lo, ids, mask),
-                                  float("nan"))
-    for k, (f, _) in steps.items():  # compile + warm
-        f(); timeit(f)
+            steps[("lora", n)] = (
+                lambda ls=ls, lp=lp, lo=lo: ls(lp, lo, ids, mask),
+                float("nan"),
+            )
+    for f, _ in steps.values():  # compile + warm
+        f()
+        timeit(f)
     times = {k: ([], []) for k in steps}
     for _ in range(args.rounds):
         for k, (f, _) in steps.items():
@@ -247,12 +268,17 @@ def main():
                 continue
             w, c = times[(kind, n)]
             mw, mc = statistics.median(w), statistics.median(c)
-            rel = (f"  CPU / eqx {mc / statistics.median(base[1]):.3f}"
-                   f"  wall / eqx {mw / statistics.median(base[0]):.3f}"
-                   if base else "")
-            print(f"{kind:5s} {n:24s} wall {mw:.3f} s (min {min(w):.3f})  "
-                  f"CPU {mc:.3f} s{rel}  flops {steps[(kind, n)][1]:.3g}",
-                  flush=True)
+            rel = (
+                f"  CPU / eqx {mc / statistics.median(base[1]):.3f}"
+                f"  wall / eqx {mw / statistics.median(base[0]):.3f}"
+                if base
+                else ""
+            )
+            print(
+                f"{kind:5s} {n:24s} wall {mw:.3f} s (min {min(w):.3f})  "
+                f"CPU {mc:.3f} s{rel}  flops {steps[(kind, n)][1]:.3g}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
