@@ -8,7 +8,9 @@ sequences x 64 tokens, the contrastive loss of examples/bert/finetune.py.
 Formulations (each a function over the *same* `Bert` pytree, so parameter paths
 and loraify targets are unchanged):
 
-- `eqx`:      the original: `eqx.nn.MultiheadAttention.__call__`, `jax.vmap` of
+- `minilm.py`: `Bert.embed` as examples/bert/minilm.py now has it (= `all`).
+- `eqx`:      the original (minilm.py before issue 16):
+              `eqx.nn.MultiheadAttention.__call__`, `jax.vmap` of
               `eqx.nn.LayerNorm` and `eqx.nn.Linear` per token.
 - `matmul`:   linears as `x @ w.T + b` on the whole (seq, dim) matrix.
 - `ln`:       layer norm over the whole (seq, dim) array (mean/var on the last axis).
@@ -116,9 +118,9 @@ def make_embed(lin, ln, attn, gelu=gelu_exact):
         e = model.embeddings
         positions = jnp.arange(ids.shape[0])
         x = (
-            e.word_embeddings.weight[ids]
-            + e.position_embeddings.weight[positions]
-            + e.token_type_embeddings.weight[0]
+            jax.vmap(e.word_embeddings)(ids)
+            + jax.vmap(e.position_embeddings)(positions)
+            + e.token_type_embeddings(jnp.zeros((), ids.dtype))
         )
         x = ln(e.norm, x)
         for layer in model.layers:
@@ -133,7 +135,8 @@ def make_embed(lin, ln, attn, gelu=gelu_exact):
 
 
 FORMULATIONS = {
-    "eqx": None,  # model.embed itself
+    "eqx": make_embed(lin_vmap, ln_vmap, attn_eqx),  # minilm.py before issue 16
+    "minilm.py": None,  # model.embed itself, as examples/bert/minilm.py has it now
     "matmul": make_embed(lin_matmul, ln_vmap, attn_eqx),
     "ln": make_embed(lin_vmap, ln_whole, attn_eqx),
     "sdpa": make_embed(lin_vmap, ln_vmap, attn_sdpa),
@@ -224,6 +227,9 @@ def main():
     leaves = [x + 0.02 * jr.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
     lora_model = eqx.combine(jax.tree_util.tree_unflatten(tdef, leaves), ls)
     ref_lora = np.asarray(eqx.filter_jit(embed_fn("eqx"))(lora_model, ids, mask))
+    print(
+        f"LoRA (random A, B) moves the embeddings by {np.abs(ref_lora - ref).max():.2e}"
+    )
     for n in names:
         e = np.asarray(eqx.filter_jit(embed_fn(n))(model, ids, mask))
         el = np.asarray(eqx.filter_jit(embed_fn(n))(lora_model, ids, mask))
