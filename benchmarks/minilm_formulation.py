@@ -26,6 +26,7 @@ Run: python benchmarks/minilm_formulation.py [--rounds 5]
 
 import argparse
 import math
+import os
 import pathlib
 import statistics
 import sys
@@ -208,6 +209,11 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--only", nargs="*", default=None)
     p.add_argument("--no-lora", action="store_true")
+    p.add_argument(
+        "--save",
+        help="save the reference embeddings here (.npy), e.g. to compare "
+        "runs under different XLA_FLAGS",
+    )
     args = p.parse_args()
 
     model, tok = minilm.load_pretrained(max_length=64)
@@ -216,6 +222,7 @@ def main():
     texts = [" ".join(rng.choice(words, size=rng.integers(5, 80))) for _ in range(32)]
     ids, mask = tok(texts)
     names = args.only or list(FORMULATIONS)
+    print("XLA_FLAGS:", os.environ.get("XLA_FLAGS", ""))
 
     # exactness: embeddings of the plain model and of a LoRA model
     ref = np.asarray(eqx.filter_jit(embed_fn("eqx"))(model, ids, mask))
@@ -230,6 +237,8 @@ def main():
     print(
         f"LoRA (random A, B) moves the embeddings by {np.abs(ref_lora - ref).max():.2e}"
     )
+    if args.save:
+        np.save(args.save, ref)
     for n in names:
         e = np.asarray(eqx.filter_jit(embed_fn(n))(model, ids, mask))
         el = np.asarray(eqx.filter_jit(embed_fn(n))(lora_model, ids, mask))
