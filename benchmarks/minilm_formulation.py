@@ -46,16 +46,7 @@ import quaxlora as ql
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "examples" / "bert"))
 import minilm  # noqa: E402
-
-
-TARGETS = [
-    "query_proj",
-    "key_proj",
-    "value_proj",
-    "output_proj",
-    "intermediate",
-    "output",
-]
+from finetune import TARGETS  # noqa: E402  (the main job's targets)
 
 
 # --- formulation pieces ------------------------------------------------------------
