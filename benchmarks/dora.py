@@ -58,14 +58,7 @@ def run_peft(cfg, rank, peft, torch):
                 use_dora=use_dora,
             )
             m = peft.get_peft_model(copy.deepcopy(model), config)
-            opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], 1e-4)
-
-            def f():
-                opt.zero_grad(set_to_none=True)
-                loss_fn(m(x)).backward()
-                opt.step()
-
-            return f
+            return torch_models._step(m, lambda m: m(x), loss_fn, torch)
 
         (lora, dora), (_, ratio) = timing.interleaved(
             [make(False), make(True)], cfg.reps

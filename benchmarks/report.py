@@ -132,26 +132,15 @@ ROWS = [
         None,
         None,
     ),
-    (
-        "step trace, s (ratio to full FT)",
-        lambda r, p: _build(r, "trace", "full"),
-        lambda r, p: _build(r, "trace", "quaxlora"),
-        None,
-        None,
-    ),
-    (
-        "step compile, s (ratio to full FT)",
-        lambda r, p: _build(r, "compile", "full"),
-        lambda r, p: _build(r, "compile", "quaxlora"),
-        None,
-        None,
-    ),
-    (
-        "step lower, s (ratio to full FT)",
-        lambda r, p: _build(r, "lower", "full"),
-        lambda r, p: _build(r, "lower", "quaxlora"),
-        None,
-        None,
+    *(
+        (
+            f"step {phase}, s (ratio to full FT)",
+            lambda r, p, phase=phase: _build(r, phase, "full"),
+            lambda r, p, phase=phase: _build(r, phase, "quaxlora"),
+            None,
+            None,
+        )
+        for phase in ("trace", "compile", "lower")
     ),
 ]
 
