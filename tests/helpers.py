@@ -21,8 +21,8 @@ def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8) -> bool:
         if eqx.is_array(a):
             if a.shape != b.shape or a.dtype != b.dtype:
                 return False
-            a32 = np.asarray(a.astype(jnp.float64) if a.dtype == jnp.bfloat16 else a)
-            b32 = np.asarray(b.astype(jnp.float64) if b.dtype == jnp.bfloat16 else b)
+            a32 = np.asarray(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a)
+            b32 = np.asarray(b.astype(jnp.float32) if b.dtype == jnp.bfloat16 else b)
             if not np.allclose(a32, b32, rtol=rtol, atol=atol):
                 return False
         elif a != b:

@@ -13,6 +13,11 @@ from quaxlora._rules import _conv
 from .helpers import assert_tree_allclose, nonzero_lora, TOLS
 
 
+# Reference comparisons: float64 at the highest matmul precision, so the
+# tolerances see a wrong rule and not rounding (see tests/conftest.py).
+pytestmark = pytest.mark.x64
+
+
 TOL = TOLS[jnp.dtype(jnp.float64)]
 
 # (name, spatial dims, conv kwargs, in channels, out channels, kernel, input size)

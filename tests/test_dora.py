@@ -20,6 +20,11 @@ from .helpers import assert_tree_allclose
 from .test_dot_general import _dimension_numbers
 
 
+# Reference comparisons: float64 at the highest matmul precision, so the
+# tolerances see a wrong rule and not rounding (see tests/conftest.py).
+pytestmark = pytest.mark.x64
+
+
 TOL = dict(rtol=1e-9, atol=1e-9)
 
 

@@ -183,6 +183,7 @@ def test_pytree_and_static(getkey):
     np.testing.assert_allclose(f(lora), lora.scaling * lora.a)
 
 
+@pytest.mark.x64
 def test_checkpoint_rule(getkey):
     lora = nonzero_lora(
         ql.LoraArray(jr.normal(getkey(), (5, 4)), rank=2, key=getkey()), getkey()
@@ -199,6 +200,7 @@ def test_checkpoint_rule(getkey):
     assert_tree_allclose((g.a, g.b), g_ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.x64
 def test_lax_dot_general_direct(getkey):
     lora = nonzero_lora(
         ql.LoraArray(jr.normal(getkey(), (5, 4)), rank=2, key=getkey()), getkey()

@@ -84,6 +84,7 @@ def test_adapter_only_training_on_digits(getkey):
     assert not np.allclose(trained.layers[0].weight.b, 0)
 
 
+@pytest.mark.x64
 def test_merge_equals_factored_and_unloraify(getkey):
     base = eqx.nn.MLP(6, 4, 16, 2, key=getkey())
     model = ql.loraify(base, rank=3, alpha=6, modules_to_save="layers.2", key=getkey())

@@ -14,6 +14,11 @@ import quaxlora as ql
 from .helpers import assert_tree_allclose
 
 
+# Reference comparisons: float64 at the highest matmul precision, so the
+# tolerances see a wrong rule and not rounding (see tests/conftest.py).
+pytestmark = pytest.mark.x64
+
+
 TOL = dict(rtol=1e-9, atol=1e-9)
 
 
@@ -36,7 +41,9 @@ def _net(key):
     )
 
 
-ARGS = (jnp.array([1, 4, 6]), jnp.linspace(-1, 1, 18).reshape(2, 9))
+def _args():
+    # Built inside each test, under its x64 marker, in the model's float64.
+    return jnp.array([1, 4, 6]), jnp.linspace(-1, 1, 18).reshape(2, 9)
 
 
 @pytest.mark.parametrize("init", ["default", "gaussian", "pissa", "olora"])
@@ -52,8 +59,8 @@ def test_output_unchanged_at_init(getkey, init, use_dora):
         init=init,
         use_dora=use_dora,
     )
-    assert_tree_allclose(quax.quaxify(model)(*ARGS), net(*ARGS), **TOL)
-    assert_tree_allclose(ql.merge(model)(*ARGS), net(*ARGS), **TOL)
+    assert_tree_allclose(quax.quaxify(model)(*_args()), net(*_args()), **TOL)
+    assert_tree_allclose(ql.merge(model)(*_args()), net(*_args()), **TOL)
     lora = model.fc.weight
     assert lora.init == init
     residual = init in ("pissa", "olora")
@@ -107,7 +114,7 @@ def test_residual_base_recorded(getkey, tmp_path):
     with pytest.raises(ValueError, match="residual base"):
         ql.load_adapters(path, net)
     loaded = ql.load_adapters(path, ql.unloraify(model))  # the residual base
-    assert_tree_allclose(quax.quaxify(loaded)(*ARGS), net(*ARGS), **TOL)
+    assert_tree_allclose(quax.quaxify(loaded)(*_args()), net(*_args()), **TOL)
     assert loaded.fc.weight.init == "pissa"
 
 
@@ -119,7 +126,7 @@ def test_loraplus(getkey, schedule):
     trainable, frozen = ql.partition(model)
 
     def loss(t):
-        return jnp.sum(jnp.sin(quax.quaxify(eqx.combine(t, frozen))(*ARGS)))
+        return jnp.sum(jnp.sin(quax.quaxify(eqx.combine(t, frozen))(*_args())))
 
     grads = jax.grad(loss)(trainable)
     lr = optax.constant_schedule(0.1) if schedule else 0.1
@@ -155,14 +162,14 @@ def test_residual_to_lora(getkey, tmp_path, init):
     )
     trained = eqx.combine(trainable, frozen)
     plain = ql.residual_to_lora(trained, ql.partition(start)[0])
-    want = quax.quaxify(trained)(*ARGS)
-    assert_tree_allclose(quax.quaxify(plain)(*ARGS), want, **TOL)
+    want = quax.quaxify(trained)(*_args())
+    assert_tree_allclose(quax.quaxify(plain)(*_args()), want, **TOL)
     for layer in ("conv", "fc"):
         lora = getattr(plain, layer).weight
         assert (lora.rank, lora.scaling, lora.init) == (4, 1.0, "default")
         assert_tree_allclose(lora.weight, getattr(net, layer).weight, **TOL)
     ql.save_adapters(tmp_path / "plain.safetensors", plain)
     loaded = ql.load_adapters(tmp_path / "plain.safetensors", net)
-    assert_tree_allclose(quax.quaxify(loaded)(*ARGS), want, **TOL)
+    assert_tree_allclose(quax.quaxify(loaded)(*_args()), want, **TOL)
     with pytest.raises(ValueError, match="initial adapter"):
         ql.residual_to_lora(trained, ql.partition(ql.loraify(net, rank=1, key=key))[0])
