@@ -7,6 +7,7 @@ block stored as integer codes plus one scale, its absolute maximum:
 `w ≈ code[q] · absmax[block]`. Four-bit codes are packed two to a `uint8`.
 """
 
+import functools
 import math
 from typing import Any, Literal
 
@@ -190,6 +191,30 @@ def quantise_array(
 ) -> QuantisedArray:
     """Quantise one weight; the leading `batch_ndim` axes are kept (one set of blocks
     per matrix of a layer stack). Checks as `quantise` does, naming no path."""
+    core = tuple(w.shape[batch_ndim:])
+    codes, scales, scales2 = _quantise_fields(
+        w, kind, block_size, batch_ndim, double_quant
+    )
+    dtype = w.dtype if compute_dtype is None else jnp.dtype(compute_dtype)
+    return QuantisedArray(
+        codes,
+        scales,
+        scales2,
+        kind,
+        block_size,
+        core,
+        tuple(range(len(core))),
+        jnp.dtype(dtype),
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _quantise_fields(
+    w: Array, kind: str, block_size: int, batch_ndim: int, double_quant: bool
+) -> tuple[Array, Array, Array | None]:
+    """The stored codes, scales and second-level scales of `quantise_array`: one
+    compiled program per weight shape, so the float32 blocks and the unpacked codes
+    are fused away instead of each being a weight-sized temporary."""
     bits = code_bits(kind)
     batch, core = tuple(w.shape[:batch_ndim]), tuple(w.shape[batch_ndim:])
     size = math.prod(core)
@@ -214,17 +239,12 @@ def quantise_array(
     # An all-zero block has scale 0; divide by 1 there, so its codes are code 0.
     x = blocks / jnp.where(absmax > 0, absmax, 1)[..., None]
     q = _encode(x, kind).reshape(*batch, n)
-    dtype = w.dtype if compute_dtype is None else jnp.dtype(compute_dtype)
-    return QuantisedArray(
-        _pack(q) if bits == 4 else q,
-        scales,
-        scales2,
-        kind,
-        block_size,
-        core,
-        tuple(range(len(core))),
-        jnp.dtype(dtype),
-    )
+    return (_pack(q) if bits == 4 else q), scales, scales2
+
+
+@jax.jit
+def _all_finite(w: Array) -> Array:
+    return jnp.all(jnp.isfinite(w))
 
 
 def _check_weight(w: Any, path: str) -> None:
@@ -233,7 +253,7 @@ def _check_weight(w: Any, path: str) -> None:
             f"`quantise` needs a floating-point weight, but `{path}` has dtype "
             f"{w.dtype}; exclude it with `exclude=`."
         )
-    if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
+    if not isinstance(w, jax.core.Tracer) and not bool(_all_finite(w)):
         raise ValueError(
             f"`quantise` found a non-finite value (inf or NaN) in `{path}`; its block "
             "scale would make the whole block non-finite."

@@ -113,6 +113,7 @@ def test_missing_package_or_files(monkeypatch, tmp_path):
 
 
 def test_finetune_smoke(tmp_path):
+    # One run of the main job on tiny settings: LoRA, full fine-tuning and QLoRA.
     finetune = _load_finetune()
     out = finetune.main(
         steps=2,
@@ -122,11 +123,12 @@ def test_finetune_smoke(tmp_path):
         prototypes_per_topic=1,
         min_paragraphs=60,
         num_layers=1,
+        quantise="nf4",
         out_dir=tmp_path,
         progress=False,
         verbose=False,
     )
-    for k in ("acc_before", "acc_lora", "acc_full"):
+    for k in ("acc_before", "acc_lora", "acc_full", "acc_qbase", "acc_qlora"):
         assert 0 <= out[k] <= 1
     assert len(out["lora_losses"]) == len(out["full_losses"]) == 2
     assert np.all(np.isfinite(out["lora_losses"] + out["full_losses"]))
@@ -150,26 +152,7 @@ def test_finetune_smoke(tmp_path):
     base = ql.unloraify(model).embed(ids, mask)
     np.testing.assert_allclose(factored, dense, atol=1e-5)
     assert not np.allclose(dense, base, atol=1e-6)
-
-
-def test_finetune_smoke_qlora(tmp_path):
-    finetune = _load_finetune()
-    out = finetune.main(
-        steps=2,
-        batch_pairs=4,
-        max_length=16,
-        test_per_topic=1,
-        prototypes_per_topic=1,
-        min_paragraphs=60,
-        num_layers=1,
-        full=False,
-        quantise="nf4",
-        out_dir=tmp_path,
-        progress=False,
-        verbose=False,
-    )
-    for k in ("acc_qbase", "acc_qlora"):
-        assert 0 <= out[k] <= 1
+    # QLoRA: the same adapters over a 4-bit base.
     assert len(out["qlora_losses"]) == 2 and np.all(np.isfinite(out["qlora_losses"]))
     assert out["quantised_bytes"] <= 0.15 * out["quantised_f32_bytes"]
     assert out["base_bytes"] < 0.2 * out["model_bytes"]
