@@ -45,6 +45,10 @@ class Config:
     reps: int = 15
     trace_reps: int = 7  # the first `compile_reps` of them also compile
     compile_reps: int = 3
+    # Clear JAX's caches before each timed build, so every build traces from scratch
+    # (off in `--quick`, the test suite's smoke run: clearing would make the rest of
+    # that test process recompile everything it had compiled).
+    fresh_builds: bool = True
 
 
 QUICK = Config(
@@ -62,9 +66,10 @@ QUICK = Config(
     minilm_layers=1,
     scan_depths=(),
     extras=("mlp",),
-    reps=3,
+    reps=1,
     trace_reps=1,
     compile_reps=1,
+    fresh_builds=False,
 )
 
 

@@ -102,7 +102,9 @@ def run_model(task, cfg, key) -> dict:
         res[f"{kind}_ratio"] = dict(zip(variants, ratio))
     # Building the step, LoRA against full fine-tuning: fresh traces, interleaved.
     pair = [suite.train["full"], suite.train["quaxlora"]]
-    builds = timing.time_build(pair, cfg.trace_reps, cfg.compile_reps)
+    builds = timing.time_build(
+        pair, cfg.trace_reps, cfg.compile_reps, fresh=cfg.fresh_builds
+    )
     for stage, (med, ratio) in builds.items():
         res[f"{stage}_time"] = dict(full=med[0], quaxlora=med[1], ratio=ratio[1])
     print(json.dumps(res, indent=1, default=float), flush=True)

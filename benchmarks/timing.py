@@ -91,10 +91,13 @@ def time_interleaved(variants: list, reps: int):
     return interleaved([v.call for v in variants], reps)
 
 
-def time_build(variants: list[Variant], reps: int, compile_reps: int):
+def time_build(
+    variants: list[Variant], reps: int, compile_reps: int, *, fresh: bool = True
+):
     """Seconds to build a fresh copy of each variant's function, interleaved per round
-    (the caches cleared before each): `reps` rounds of tracing to a jaxpr, the first
-    `compile_reps` of which also lower and compile.
+    (with `fresh`, JAX's caches cleared before each, so nothing traced or compiled
+    before is reused): `reps` rounds of tracing to a jaxpr, the first `compile_reps`
+    of which also lower and compile.
 
     **Returns:**
 
@@ -104,7 +107,8 @@ def time_build(variants: list[Variant], reps: int, compile_reps: int):
     times = {s: [[] for _ in variants] for s in ("trace", "lower", "compile")}
     for round in range(max(reps, compile_reps)):
         for i, v in enumerate(variants):
-            jax.clear_caches()
+            if fresh:
+                jax.clear_caches()
             fn = jax.jit(v.make(), donate_argnums=v.donate)
             t0 = time.perf_counter()
             traced = fn.trace(*v.args)

@@ -69,13 +69,10 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # tests. Keys: test file, or `file::test` for one test of a file.
 _USER_CODE = {
     "test_benchmarks.py",
-    "test_benchmarks_multi_adapter.py",
-    "test_examples_conv_lm.py",
-    "test_examples_multi_adapter.py",
+    "test_examples.py",
     "test_bert.py",
     "test_peft_bert.py",
     "test_sharding.py",
-    "test_train.py::test_digits_example_smoke",
     "test_qlora.py::test_memory",  # benchmarks' training step and GPT
     "test_cost.py::test_scanned_lora_step_stores_no_weight_copy",  # benchmarks'
     "test_docs.py::test_examples_run",  # the pages train with optax

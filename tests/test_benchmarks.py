@@ -1,11 +1,20 @@
-"""`python -m benchmarks.run --quick` runs end to end, and its deterministic figures
-(XLA's FLOP counts) hold. Timings are not asserted: they belong to the benchmarks."""
+"""The benchmarks' smoke tests: `python -m benchmarks.run --quick` and
+`python -m benchmarks.multi_adapter --quick` run end to end, and their deterministic
+figures (XLA's FLOP counts) and outputs hold. Timings are not asserted: they belong to
+the benchmarks."""
 
 import json
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+import quax
 
-from benchmarks import run
+import quaxlora as ql
+from benchmarks import models, multi_adapter, run
 
 
 def test_quick_benchmark_suite(tmp_path):
@@ -42,3 +51,30 @@ def test_quick_benchmark_suite(tmp_path):
     assert "DoRA ÷ LoRA" in table
     assert "| mlp | QLoRA (NF4 base)" in table
     assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+@pytest.mark.no_leak_check  # select_adapter under vmap: see tests/test_stack.py
+def test_variants_agree():
+    with jax.enable_x64(False), jax.default_matmul_precision("default"):
+        b = multi_adapter.build(models.QUICK, jr.key(0), adapters=3)
+        v = b["variants"]
+        mixed = v["mixed"].jit(*v["mixed"].args)
+        grouped = v["grouped"].jit(*v["grouped"].args)
+        x = b["x"]
+        # Each adapter's merged model alone: one compiled program serves them all.
+        run_merged = eqx.filter_jit(lambda m, x: jax.vmap(quax.quaxify(m))(x)[0])
+        for i, model in enumerate(b["models"]):
+            alone = run_merged(ql.merge(model), x[i : i + 1])
+            np.testing.assert_allclose(mixed[i], alone, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(grouped[i], alone, rtol=1e-4, atol=1e-4)
+        assert not np.allclose(mixed[0], jnp.asarray(mixed[1]))
+        assert isinstance(b["stacked"].blocks[0].q.weight, ql.StackedLoraArray)
+        assert eqx.tree_equal(ql.unstack_adapters(b["stacked"]), b["models"])
+
+
+@pytest.mark.no_leak_check
+def test_multi_adapter_quick_run():
+    with jax.enable_x64(False), jax.default_matmul_precision("default"):
+        res = multi_adapter.main(["--quick", "--reps", "1"])
+    assert set(res["time"]) == {"single", "mixed", "grouped", "loop"}
+    assert all(t > 0 for t in res["time"].values())

@@ -1,8 +1,7 @@
 """The Equinox BERT of examples/bert against transformers' BertModel (a committed
-fixture made by examples/bert/make_reference.py), its loading errors, and a smoke
-test of the LoRA fine-tuning example on tiny settings."""
+fixture made by examples/bert/make_reference.py) and its loading errors. The
+fine-tuning example's smoke test is in tests/test_examples.py."""
 
-import importlib.util
 import json
 import pathlib
 import sys
@@ -14,7 +13,6 @@ import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
 import pytest
-import quax
 
 import quaxlora as ql
 
@@ -26,15 +24,6 @@ import minilm  # noqa: E402
 
 def _is_lora(x):
     return isinstance(x, ql.LoraArray)
-
-
-def _load_finetune():
-    spec = importlib.util.spec_from_file_location(
-        "bert_finetune", BERT_DIR / "finetune.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 TINY = minilm.BertConfig(
@@ -110,49 +99,3 @@ def test_missing_package_or_files(monkeypatch, tmp_path):
         minilm.load_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="No model files"):
         minilm.load_pretrained(tmp_path / "nowhere")
-
-
-def test_finetune_smoke(tmp_path):
-    # One run of the main job on tiny settings: LoRA, full fine-tuning and QLoRA.
-    finetune = _load_finetune()
-    out = finetune.main(
-        steps=2,
-        batch_pairs=4,
-        max_length=16,
-        test_per_topic=1,
-        prototypes_per_topic=1,
-        min_paragraphs=60,
-        num_layers=1,
-        quantise="nf4",
-        out_dir=tmp_path,
-        progress=False,
-        verbose=False,
-    )
-    for k in ("acc_before", "acc_lora", "acc_full", "acc_qbase", "acc_qlora"):
-        assert 0 <= out[k] <= 1
-    assert len(out["lora_losses"]) == len(out["full_losses"]) == 2
-    assert np.all(np.isfinite(out["lora_losses"] + out["full_losses"]))
-    # Rank 8 on q, k, v, o (384 -> 384) and the MLP (384 -> 1536 -> 384), 1 layer.
-    assert out["trainable"] == 4 * 8 * (384 + 384) + 2 * 8 * (384 + 1536)
-    assert out["plot_path"].stat().st_size > 0
-    assert out["adapter_bytes"] < 0.02 * out["model_bytes"]
-    trained = ql.load_adapters(out["adapter_path"], ql.unloraify(out["model"]))
-    assert eqx.tree_equal(
-        eqx.filter(trained, eqx.is_array), eqx.filter(out["model"], eqx.is_array)
-    )
-    # Training moved the adapters, and the factored model computes what its merged
-    # (dense) twin does: a model that did not train, or a broken rule, fails here.
-    model = out["model"]
-    loras = [x for x in jtu.tree_leaves(model, is_leaf=_is_lora) if _is_lora(x)]
-    assert loras and all(float(jnp.abs(x.b).max()) > 0 for x in loras)
-    ids = jnp.arange(1, 17) * 37 % 1000
-    mask = jnp.ones(16, bool)
-    factored = quax.quaxify(lambda m: m.embed(ids, mask))(model)
-    dense = ql.merge(model).embed(ids, mask)
-    base = ql.unloraify(model).embed(ids, mask)
-    np.testing.assert_allclose(factored, dense, atol=1e-5)
-    assert not np.allclose(dense, base, atol=1e-6)
-    # QLoRA: the same adapters over a 4-bit base.
-    assert len(out["qlora_losses"]) == 2 and np.all(np.isfinite(out["qlora_losses"]))
-    assert out["quantised_bytes"] <= 0.15 * out["quantised_f32_bytes"]
-    assert out["base_bytes"] < 0.2 * out["model_bytes"]
