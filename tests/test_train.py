@@ -15,9 +15,6 @@ from .helpers import assert_tree_allclose
 from .test_examples import _load
 
 
-digits = _load("digits")
-
-
 def _size(tree):
     return sum(x.size for x in jax.tree_util.tree_leaves(tree) if eqx.is_array(x))
 
@@ -39,7 +36,8 @@ def _frozen_leaves(model):
 
 
 def test_adapter_only_training_on_digits(getkey):
-    x_train, x_test, y_train, y_test = digits.load_data()
+    # The example imports scikit-learn: loaded here, not when the suite is collected.
+    x_train, x_test, y_train, y_test = _load("digits").load_data()
     x_train, y_train = jnp.asarray(x_train, jnp.float32), jnp.asarray(y_train)
     base = eqx.nn.MLP(
         64, 10, 32, 2, activation=jax.nn.gelu, key=getkey(), dtype=jnp.float32
