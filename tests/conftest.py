@@ -1,4 +1,5 @@
 import atexit
+import itertools
 import os
 import shutil
 import tempfile
@@ -115,5 +116,8 @@ def _x64(request):
 
 @pytest.fixture
 def getkey():
-    keys = iter(jr.split(jr.key(5678), 10_000))
-    return lambda: next(keys)
+    # Indexed rather than iterated: iterating a key array compiles an unstacking
+    # program (about 2 s per process and dtype setting); indexing, a small one.
+    keys = jr.split(jr.key(5678), 10_000)
+    count = itertools.count()
+    return lambda: keys[next(count)]
