@@ -247,6 +247,7 @@ def test_transpose_and_convert(getkey):
 # ------------------------------------------------------------------ QLoRA models
 
 
+@eqx.filter_jit  # one compile, not one per eager op (the same values)
 def _gpt_pair(key, kind="nf4", before=True, **kw):
     k1, k2, k3 = jr.split(key, 3)
     base = _f32(GPT(key=k1, dim=32))
@@ -293,14 +294,18 @@ def test_quantise_before_or_after_loraify(getkey):
     assert isinstance(lora.weight, ql.QuantisedArray) and lora.a.dtype == jnp.float32
 
 
-def test_conv_model(getkey):
-    base = _f32(ResNet(depth=1, key=getkey()))
+@eqx.filter_jit
+def _conv_pair(k1, k2, k3):
+    base = _f32(ResNet(depth=1, key=k1))
     q = ql.quantise(base, "int4", block_size=8, double_quant=True)
     model = _nonzero_b(
-        ql.loraify(q, rank=2, key=getkey(), where=[eqx.nn.Conv2d, eqx.nn.Linear]),
-        getkey(),
+        ql.loraify(q, rank=2, key=k2, where=[eqx.nn.Conv2d, eqx.nn.Linear]), k3
     )
-    ref = _dequantised(model)
+    return model, _dequantised(model)
+
+
+def test_conv_model(getkey):
+    model, ref = _conv_pair(getkey(), getkey(), getkey())
     x = jr.normal(getkey(), (2, 3, 8, 8), jnp.float32)
 
     def loss(t, f):
@@ -328,19 +333,23 @@ def test_conv_transpose(getkey):
     assert_tree_allclose(quax.quaxify(model)(x), quax.quaxify(ref)(x), **F32)
 
 
+@eqx.filter_jit  # one compile for the lot, not one per eager op
+def _merge_run_requantise(qlora, tokens):
+    merged = ql.merge(qlora)
+    again = ql.quantise(merged, "nf4", block_size=16)
+    return merged, merged(tokens), quax.quaxify(qlora)(tokens), again
+
+
 def test_merge_and_requantise(getkey):
     qlora, ref = _gpt_pair(getkey())
     # `pos` is quantised but not adapted: merge dequantises it too.
     qlora = eqx.tree_at(lambda m: m.pos, qlora, ql.unloraify(qlora.pos))
     assert isinstance(qlora.pos.weight, ql.QuantisedArray)
-    merged = ql.merge(qlora)
+    tokens = jnp.arange(8) % 13
+    merged, got, want, again = _merge_run_requantise(qlora, tokens)
     is_value = lambda x: isinstance(x, quax.Value)
     assert not any(is_value(x) for x in jtu.tree_leaves(merged, is_leaf=is_value))
-    tokens = jnp.arange(8) % 13
-    assert_tree_allclose(
-        merged(tokens), quax.quaxify(qlora)(tokens), rtol=1e-4, atol=1e-5
-    )
-    again = ql.quantise(merged, "nf4", block_size=16)
+    assert_tree_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert isinstance(again.embed.weight, ql.QuantisedArray)
     del ref
 
@@ -378,8 +387,9 @@ def test_stored_bytes(getkey):
 def _step_memory(model, tokens):
     from benchmarks.steps import make_step
 
+    # `model` is abstract: its arrays are `jax.ShapeDtypeStruct`s.
     trainable, rest = ql.partition(model)
-    frozen, static = eqx.partition(rest, eqx.is_array)
+    frozen, static = eqx.partition(rest, lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
     def loss(model, x, y):
         logits = jax.vmap(model)(x)
@@ -387,21 +397,26 @@ def _step_memory(model, tokens):
 
     opt = optax.sgd(0.1)
     step = make_step(loss, static, opt, quaxified=True)
-    x, y = tokens[:, :-1], tokens[:, 1:]
-    args = (trainable, opt.init(trainable), frozen, x, y)
+    x = y = jax.ShapeDtypeStruct((tokens.shape[0], tokens.shape[1] - 1), tokens.dtype)
+    args = (trainable, jax.eval_shape(opt.init, trainable), frozen, x, y)
     return jax.jit(step).lower(*args).compile().memory_analysis()
 
 
 def test_memory(getkey):
     from benchmarks.models import GPT as BenchGPT
 
+    def models(depth, k1, k2):
+        base = BenchGPT(256, 256, 4, depth, scan=True, key=k1)
+        lora = ql.loraify(base, rank=8, key=k2, exclude="head")
+        return lora, ql.quantise(lora, "nf4")
+
     with jax.enable_x64(False):
-        tokens = jr.randint(getkey(), (1, 9), 0, 256)
+        # XLA's memory analysis needs only shapes and dtypes: the models and tokens
+        # are abstract (`eval_shape`), so building them compiles nothing.
+        tokens = jax.ShapeDtypeStruct((1, 9), jnp.int32)
         temps = {}
         for depth in (2, 4):
-            base = BenchGPT(256, 256, 4, depth, scan=True, key=getkey())
-            lora = ql.loraify(base, rank=8, key=getkey(), exclude="head")
-            qlora = ql.quantise(lora, "nf4")
+            lora, qlora = eqx.filter_eval_shape(models, depth, getkey(), getkey())
             m_lora, m_q = _step_memory(lora, tokens), _step_memory(qlora, tokens)
             # The step's arguments: the frozen base is most of them.
             ratio = m_q.argument_size_in_bytes / m_lora.argument_size_in_bytes
