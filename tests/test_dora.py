@@ -28,6 +28,7 @@ pytestmark = pytest.mark.x64
 TOL = dict(rtol=1e-9, atol=1e-9)
 
 
+@eqx.filter_jit  # one compile per shape, not one per eager op
 def _lora(key, shape, *, rank=3, batch_ndim=0, dora_axis=0, dtype=jnp.float64):
     """A DoRA `LoraArray` with random non-zero `b` and a magnitude away from ‖V‖."""
     k1, k2, k3, k4 = jr.split(key, 4)
@@ -73,15 +74,21 @@ def dense(lora):
     return m * v / lax.stop_gradient(_norm(lora))
 
 
-def _check(f, lora, *args, tol=TOL):
-    """`f(W, *args)` with `W` the `LoraArray` and with its dense reference: values,
-    and gradients of a non-linear loss with respect to `a`, `b`, `m` and `w`."""
+@eqx.filter_jit  # one compile per `f` and shapes, not one per eager op
+def _values_and_grads(f, lora, *args):
     got = quax.quaxify(f)(lora, *args)
     want = f(dense(lora), *args)
-    assert_tree_allclose(got, want, **tol)
     loss = lambda y: jnp.sum(jnp.sin(y) ** 2)
     g_got = jax.grad(lambda l: loss(quax.quaxify(f)(l, *args)))(lora)
     g_want = jax.grad(lambda l: loss(f(dense(l), *args)))(lora)
+    return got, want, g_got, g_want
+
+
+def _check(f, lora, *args, tol=TOL):
+    """`f(W, *args)` with `W` the `LoraArray` and with its dense reference: values,
+    and gradients of a non-linear loss with respect to `a`, `b`, `m` and `w`."""
+    got, want, g_got, g_want = _values_and_grads(f, lora, *args)
+    assert_tree_allclose(got, want, **tol)
     for name in ("a", "b", "magnitude", "weight"):
         assert_tree_allclose(getattr(g_got, name), getattr(g_want, name), **tol)
 
@@ -99,21 +106,36 @@ def _weights(draw):
 def test_factored_norm(case):
     shape, nb, axis, rank = case
     lora = _lora(jr.key(sum(shape)), shape, rank=rank, batch_ndim=nb, dora_axis=axis)
+    norm, want_norm, merged, want_merged = _norms(lora)
+    assert_tree_allclose(norm, want_norm, **TOL)
+    assert_tree_allclose(merged, want_merged, **TOL)
+
+
+@eqx.filter_jit
+def _norms(lora):
     want = _norm(lora).reshape(lora.magnitude.shape)
-    assert_tree_allclose(dora_norm(lora), want, **TOL)
-    assert_tree_allclose(lora.merged(), dense(lora), **TOL)
+    return dora_norm(lora), want, lora.merged(), dense(lora)
+
+
+@eqx.filter_jit  # one compile, not one per eager op
+def _starts_at_norm(k1, k2, k3, k4):
+    """Pairs `(got, want)`: magnitudes at initialisation and the first outputs."""
+    w = jr.normal(k1, (6, 4))
+    lora = ql.LoraArray(w, rank=2, key=k2, use_dora=True)
+    emb = ql.LoraArray(w, rank=2, key=k3, use_dora=True, dora_axis=1)
+    x = jr.normal(k4, (3, 4))
+    f = quax.quaxify(lambda w, x: x @ w.T)
+    return [
+        (lora.magnitude, jnp.linalg.norm(w, axis=1)),
+        (emb.magnitude, jnp.linalg.norm(w, axis=0)),
+        (f(lora, x), x @ w.T),
+        (f(emb, x), x @ w.T),
+    ]
 
 
 def test_magnitude_starts_at_norm(getkey):
-    w = jr.normal(getkey(), (6, 4))
-    lora = ql.LoraArray(w, rank=2, key=getkey(), use_dora=True)
-    assert_tree_allclose(lora.magnitude, jnp.linalg.norm(w, axis=1), **TOL)
-    emb = ql.LoraArray(w, rank=2, key=getkey(), use_dora=True, dora_axis=1)
-    assert_tree_allclose(emb.magnitude, jnp.linalg.norm(w, axis=0), **TOL)
-    x = jr.normal(getkey(), (3, 4))
-    f = quax.quaxify(lambda w, x: x @ w.T)
-    assert_tree_allclose(f(lora, x), x @ w.T, **TOL)
-    assert_tree_allclose(f(emb, x), x @ w.T, **TOL)
+    for got, want in _starts_at_norm(getkey(), getkey(), getkey(), getkey()):
+        assert_tree_allclose(got, want, **TOL)
 
 
 @pytest.mark.parametrize("axis", [0, 1])
@@ -240,35 +262,47 @@ def test_loraify_model(getkey):
             h = jax.vmap(self.emb)(tokens).mean(0) + self.conv(signal).mean(1)
             return self.fc(jnp.tanh(h) + self.emb.weight.T @ jnp.ones(7))
 
-    k = jr.split(getkey(), 3)
-    net = Net(
-        eqx.nn.Embedding(7, 6, key=k[0]),
-        eqx.nn.Conv1d(2, 6, 3, key=k[1]),
-        eqx.nn.Linear(6, 3, key=k[2]),
-    )
-    model = ql.loraify(
-        net, rank=2, key=getkey(), where=["emb", "conv", "fc"], use_dora=True
-    )
+    @eqx.filter_jit  # one compile for building, one for all the comparisons
+    def build(k, key):
+        net = Net(
+            eqx.nn.Embedding(7, 6, key=k[0]),
+            eqx.nn.Conv1d(2, 6, 3, key=k[1]),
+            eqx.nn.Linear(6, 3, key=k[2]),
+        )
+        model = ql.loraify(
+            net, rank=2, key=key, where=["emb", "conv", "fc"], use_dora=True
+        )
+        return net, model
+
+    net, model = build(jr.split(getkey(), 3), getkey())
     assert model.emb.weight.dora_axis == 1 and model.fc.weight.dora_axis == 0
     args = (jnp.array([1, 4, 6]), jr.normal(getkey(), (2, 9)))
-    assert_tree_allclose(quax.quaxify(model)(*args), net(*args), **TOL)
-    trainable, frozen = ql.partition(model)
-    key = getkey()
-    trainable = jax.tree_util.tree_map(
-        lambda x: x + 0.3 * jr.normal(jr.fold_in(key, x.size), x.shape), trainable
-    )
 
-    def ref(m):
-        to_dense = lambda x: dense(x) if isinstance(x, ql.LoraArray) else x
-        is_lora = lambda x: isinstance(x, ql.LoraArray)
-        return jax.tree_util.tree_map(to_dense, m, is_leaf=is_lora)(*args)
+    @eqx.filter_jit
+    def pairs(net, model, key, args):
+        """Pairs `(got, want)`: at initialisation, gradients, merged."""
+        trainable, frozen = ql.partition(model)
+        trainable = jax.tree_util.tree_map(
+            lambda x: x + 0.3 * jr.normal(jr.fold_in(key, x.size), x.shape), trainable
+        )
 
-    loss = lambda y: jnp.sum(jnp.sin(y))
-    got = jax.grad(lambda t: loss(quax.quaxify(eqx.combine(t, frozen))(*args)))
-    want = jax.grad(lambda t: loss(ref(eqx.combine(t, frozen))))
-    assert_tree_allclose(got(trainable), want(trainable), **TOL)
-    trained = eqx.combine(trainable, frozen)
-    assert_tree_allclose(ql.merge(trained)(*args), ref(trained), **TOL)
+        def ref(m):
+            to_dense = lambda x: dense(x) if isinstance(x, ql.LoraArray) else x
+            is_lora = lambda x: isinstance(x, ql.LoraArray)
+            return jax.tree_util.tree_map(to_dense, m, is_leaf=is_lora)(*args)
+
+        loss = lambda y: jnp.sum(jnp.sin(y))
+        got = jax.grad(lambda t: loss(quax.quaxify(eqx.combine(t, frozen))(*args)))
+        want = jax.grad(lambda t: loss(ref(eqx.combine(t, frozen))))
+        trained = eqx.combine(trainable, frozen)
+        return [
+            (quax.quaxify(model)(*args), net(*args)),
+            (got(trainable), want(trainable)),
+            (ql.merge(trained)(*args), ref(trained)),
+        ]
+
+    for got, want in pairs(net, model, getkey(), args):
+        assert_tree_allclose(got, want, **TOL)
     # The magnitude is trained and counted.
     n = sum(x.size for x in (net.emb.weight, net.conv.weight, net.fc.weight))
     count = ql.count_parameters(model)
@@ -278,27 +312,32 @@ def test_loraify_model(getkey):
 
 
 def test_save_load_and_errors(getkey, tmp_path):
-    net = eqx.nn.MLP(4, 3, 8, 1, key=getkey())
-    model = ql.loraify(net, rank=2, key=getkey(), use_dora=True)
-    model = eqx.tree_at(
-        lambda m: m.layers[0].weight.magnitude,
-        model,
-        model.layers[0].weight.magnitude * 2,
-    )
+    @eqx.filter_jit  # one compile, not one per eager op
+    def build(k1, k2, k3):
+        net = eqx.nn.MLP(4, 3, 8, 1, key=k1)
+        model = ql.loraify(net, rank=2, key=k2, use_dora=True)
+        model = eqx.tree_at(
+            lambda m: m.layers[0].weight.magnitude,
+            model,
+            model.layers[0].weight.magnitude * 2,
+        )
+        return net, model, ql.loraify(net, rank=2, key=k3), ql.merge(model)
+
+    net, model, plain, merged = build(getkey(), getkey(), getkey())
     ql.save_adapters(tmp_path / "d.safetensors", model)
     loaded = ql.load_adapters(tmp_path / "d.safetensors", net)
     x = jnp.ones(4)
-    assert_tree_allclose(quax.quaxify(loaded)(x), quax.quaxify(model)(x), **TOL)
+    run = eqx.filter_jit(lambda m: quax.quaxify(m)(x))  # the same program for all
+    assert_tree_allclose(run(loaded), run(model), **TOL)
     assert_tree_allclose(ql.partition(loaded)[0], ql.partition(model)[0], **TOL)
     switched = ql.with_adapters(net, ql.partition(model)[0])
-    assert_tree_allclose(quax.quaxify(switched)(x), quax.quaxify(model)(x), **TOL)
-    plain = ql.loraify(net, rank=2, key=getkey())
+    assert_tree_allclose(run(switched), run(model), **TOL)
     with pytest.raises(ValueError, match="DoRA"):
         ql.load_adapters(tmp_path / "d.safetensors", plain)
     with pytest.raises(ValueError, match="DoRA"):
         ql.combine_adapters([model, model])
     with pytest.raises(ValueError, match="DoRA"):
-        ql.unmerge(ql.merge(model), model)
+        ql.unmerge(merged, model)
     with pytest.raises(ValueError, match="magnitude"):
         ql.LoraArray(jnp.ones((3, 2)), rank=1, key=getkey(), magnitude=jnp.ones(2))
     with pytest.raises(ValueError, match="dora_axis"):
@@ -323,7 +362,8 @@ def _weight_sized(hlo: str, shape: str) -> list[str]:
 
 
 def _step(model, x):
-    arrays, static = eqx.partition(model, eqx.is_array)
+    # `model` is abstract: its arrays are `jax.ShapeDtypeStruct`s.
+    arrays, static = eqx.partition(model, lambda x: isinstance(x, jax.ShapeDtypeStruct))
     trainable, frozen = eqx.partition(arrays, ql.trainable_spec(model))
 
     def step(t, f):
@@ -339,10 +379,17 @@ def test_no_weight_sized_temporary():
     """XLA's own view of the compiled step: a DoRA training step forms no array of
     a weight's size that the LoRA step does not (no `w + s·b@a`, no `b@a`), and
     needs no more temporary memory beyond a fraction of one weight."""
-    net = eqx.nn.MLP(256, 128, 384, 1, key=jr.key(0))  # weights (384, 256), (128, 384)
+
+    def models():  # weights (384, 256), (128, 384)
+        net = eqx.nn.MLP(256, 128, 384, 1, key=jr.key(0))
+        lora = ql.loraify(net, rank=16, key=jr.key(1))
+        return lora, ql.loraify(net, rank=16, key=jr.key(1), use_dora=True)
+
+    # The compiled steps need only shapes and dtypes: abstract models (`eval_shape`)
+    # compile nothing to build.
+    lora, dora = eqx.filter_eval_shape(models)
     x = jnp.ones((4, 256))  # activations far smaller than a weight
-    lora = _step(ql.loraify(net, rank=16, key=jr.key(1)), x)
-    dora = _step(ql.loraify(net, rank=16, key=jr.key(1), use_dora=True), x)
+    lora, dora = _step(lora, x), _step(dora, x)
     for shape in ("f32[384,256]", "f32[128,384]"):
         extra = _weight_sized(dora.as_text(), shape)
         for op in _weight_sized(lora.as_text(), shape):
@@ -355,21 +402,26 @@ def test_no_weight_sized_temporary():
 def test_stacked_embedding_and_conv_in_scan(getkey):
     """Layer stacks (`filter_vmap`) of embeddings and convolutions under `lax.scan`,
     one magnitude per layer: values and gradients against the dense reference."""
-    k = jr.split(getkey(), 3)
-    embs = eqx.filter_vmap(lambda k: eqx.nn.Embedding(7, 5, key=k))(k)
-    convs = eqx.filter_vmap(lambda k: eqx.nn.Conv1d(2, 2, 3, padding=1, key=k))(k)
-    model = ql.loraify(
-        (embs, convs),
-        rank=2,
-        key=getkey(),
-        where=[eqx.nn.Embedding, eqx.nn.Conv],
-        use_dora=True,
-    )
-    trainable, frozen = ql.partition(model)
-    key = getkey()
-    trainable = jax.tree_util.tree_map(
-        lambda x: x + 0.3 * jr.normal(jr.fold_in(key, x.size), x.shape), trainable
-    )
+
+    @eqx.filter_jit  # one compile, not one per eager op
+    def build(k, key, key2):
+        embs = eqx.filter_vmap(lambda k: eqx.nn.Embedding(7, 5, key=k))(k)
+        convs = eqx.filter_vmap(lambda k: eqx.nn.Conv1d(2, 2, 3, padding=1, key=k))(k)
+        model = ql.loraify(
+            (embs, convs),
+            rank=2,
+            key=key,
+            where=[eqx.nn.Embedding, eqx.nn.Conv],
+            use_dora=True,
+        )
+        trainable, frozen = ql.partition(model)
+        trainable = jax.tree_util.tree_map(
+            lambda x: x + 0.3 * jr.normal(jr.fold_in(key2, x.size), x.shape),
+            trainable,
+        )
+        return trainable, frozen
+
+    trainable, frozen = build(jr.split(getkey(), 3), getkey(), getkey())
     ids = jnp.array([1, 6, 2])
 
     def run(model):
@@ -386,8 +438,12 @@ def test_stacked_embedding_and_conv_in_scan(getkey):
     )
     got = lambda t: jnp.sum(jnp.sin(quax.quaxify(run)(eqx.combine(t, frozen))))
     want = lambda t: jnp.sum(jnp.sin(run(to_dense(eqx.combine(t, frozen)))))
-    assert_tree_allclose(got(trainable), want(trainable), **TOL)
-    assert_tree_allclose(jax.grad(got)(trainable), jax.grad(want)(trainable), **TOL)
+    # Values and gradients, in one compiled program.
+    both = eqx.filter_jit(
+        lambda t: [(got(t), want(t)), (jax.grad(got)(t), jax.grad(want)(t))]
+    )
+    for g, w in both(trainable):
+        assert_tree_allclose(g, w, **TOL)
 
 
 @pytest.mark.parametrize("transform", ["checkpoint", "cond", "jit"])

@@ -57,11 +57,18 @@ def _blocks(w, block_size):
     return np.pad(flat, (0, n - flat.size)).reshape(-1, block_size)
 
 
+@eqx.filter_jit  # one compile per shape and kind, not one per eager op
+def _quantise(w, kind, **kwargs):
+    """`quantise(w, kind, **kwargs)` and its dequantised array."""
+    q = ql.quantise(w, kind, **kwargs)
+    return q, q.materialise()
+
+
 @pytest.mark.parametrize("kind", ["nf4", "int4", "int8"])
 @pytest.mark.parametrize("shape", [(8, 16), (5, 7), (3, 2, 3, 3)])
 def test_nearest_code_and_error_bound(getkey, kind, shape):
     w = jr.normal(getkey(), shape, jnp.float32)
-    q = ql.quantise(w, kind, block_size=16)
+    q, dense = _quantise(w, kind, block_size=16)
     assert q.shape == shape and q.dtype == jnp.float32
     code = code_values(kind).astype(np.float64)
     blocks = _blocks(w, 16)
@@ -70,7 +77,7 @@ def test_nearest_code_and_error_bound(getkey, kind, shape):
     # numpy reference: nearest code of w / absmax, dequantised.
     nearest = np.abs(blocks[..., None] / absmax[..., None] - code).argmin(-1)
     ref = (code[nearest] * absmax).reshape(-1)[: w.size].reshape(shape)
-    dense = np.asarray(q.materialise(), np.float64)
+    dense = np.asarray(dense, np.float64)
     np.testing.assert_allclose(dense, ref, rtol=1e-6, atol=1e-6)
     half_gap = np.max(np.diff(code)) / 2
     err = np.abs(dense - np.asarray(w)).reshape(-1)
@@ -82,13 +89,13 @@ def test_nf4_table_and_packing(getkey):
     assert NF4_CODE.shape == (16,) and NF4_CODE[7] == 0 and NF4_CODE[-1] == 1
     assert np.all(np.diff(NF4_CODE) > 0)
     w = jr.normal(getkey(), (64, 32), jnp.float32)
-    q = ql.quantise(w, "nf4", block_size=64)
+    q, _ = _quantise(w, "nf4", block_size=64)
     # Really 4 bits: two codes per byte, one float32 scale per 64 elements.
     assert q.codes.dtype == jnp.uint8 and q.codes.shape == (64 * 32 // 2,)
     assert q.scales.shape == (32,)
     assert q.stored_bytes() == 64 * 32 // 2 + 4 * 32
     assert q.stored_bytes() <= 0.15 * w.size * 4
-    i8 = ql.quantise(w, "int8", block_size=64)
+    i8, _ = _quantise(w, "int8", block_size=64)
     assert i8.codes.dtype == jnp.int8 and i8.codes.shape == (64 * 32,)
 
 
@@ -104,30 +111,30 @@ def test_padding_round_trip(getkey):
     )
     # Values on the grid round-trip (to float rounding of `k / 7 · 7`).
     grid = jnp.arange(-7.0, 8.0, dtype=jnp.float32).reshape(3, 5)
-    back = ql.quantise(grid, "int4", block_size=16).materialise()
+    _, back = _quantise(grid, "int4", block_size=16)
     np.testing.assert_allclose(back, grid, rtol=1e-6)
 
 
 def test_zero_block_has_no_nan():
     w = jnp.zeros((4, 16), jnp.float32).at[0].set(1.0)
     for kind in ("nf4", "int4", "int8"):
-        q = ql.quantise(w, kind, block_size=16, double_quant=True)
-        np.testing.assert_array_equal(q.materialise(), w)
+        _, dense = _quantise(w, kind, block_size=16, double_quant=True)
+        np.testing.assert_array_equal(dense, w)
 
 
 def test_double_quant(getkey):
     scale = jnp.linspace(0.1, 3, 64, dtype=jnp.float32)[None]  # per column
     w = jr.normal(getkey(), (96, 64), jnp.float32) * scale
-    q = ql.quantise(w, "nf4", block_size=16, double_quant=True)
+    q, dense = _quantise(w, "nf4", block_size=16, double_quant=True)
     assert q.scales.dtype == jnp.uint8 and q.scales2.dtype == jnp.float32
     assert q.scales.shape == (384,) and q.scales2.shape == (2,)
     scale = np.repeat(np.asarray(q.block_scales()), 16)
     blocks_absmax = np.abs(_blocks(w, 16)).max(axis=1)
     assert np.all(np.repeat(blocks_absmax, 16) <= scale * (1 + 1e-6))  # rounded up
-    err = np.abs(np.asarray(q.materialise()) - np.asarray(w)).reshape(-1)
+    err = np.abs(np.asarray(dense) - np.asarray(w)).reshape(-1)
     half_gap = np.max(np.diff(NF4_CODE)) / 2
     assert np.all(err <= scale * half_gap * (1 + 1e-6))
-    plain = ql.quantise(w, "nf4", block_size=16)
+    plain, _ = _quantise(w, "nf4", block_size=16)
     assert q.stored_bytes() < plain.stored_bytes()
 
 
@@ -135,7 +142,7 @@ def test_double_quant(getkey):
 
 
 def test_bad_input(getkey):
-    mlp = eqx.nn.MLP(4, 3, 8, 2, key=getkey())
+    mlp = eqx.filter_jit(lambda k: eqx.nn.MLP(4, 3, 8, 2, key=k))(getkey())  # 1 compile
     with pytest.raises(ValueError, match=r"`kind` must be one of \('nf4', 'int4'"):
         ql.quantise(mlp, "fp4")
     for bs in (0, -4, 48, 2.0, True):
@@ -170,16 +177,22 @@ def test_dot_general(getkey, f):
     w = jr.normal(getkey(), (8, 32), jnp.float32)
     x = jr.normal(getkey(), (32, 3), jnp.float32)
     q = ql.quantise(w, "nf4", block_size=16)
+    for got, want in _dot_general_pairs(f, q, x):
+        assert_tree_allclose(got, want, **F32)
+
+
+@eqx.filter_jit  # one compile per `f`, not one per eager op
+def _dot_general_pairs(f, q, x):
+    """Pairs `(quantised, dense)`: values, gradients, forward-mode derivatives."""
     dense = q.materialise()
-    assert_tree_allclose(quax.quaxify(f)(q, x), f(dense, x), **F32)
     loss = lambda x, w: jnp.sum(jnp.sin(f(w, x)))
-    g = jax.grad(quax.quaxify(loss))(x, q)
-    assert_tree_allclose(g, jax.grad(loss)(x, dense), **F32)
     # Forward mode works through the checkpointed dequantisation.
-    t = jax.jvp(lambda x: quax.quaxify(f)(q, x), (x,), (jnp.ones_like(x),))
-    assert_tree_allclose(
-        t, jax.jvp(lambda x: f(dense, x), (x,), (jnp.ones_like(x),)), **F32
-    )
+    jvp = lambda w: jax.jvp(lambda x: quax.quaxify(f)(w, x), (x,), (jnp.ones_like(x),))
+    return [
+        (quax.quaxify(f)(q, x), f(dense, x)),
+        (jax.grad(quax.quaxify(loss))(x, q), jax.grad(loss)(x, dense)),
+        (jvp(q), jvp(dense)),
+    ]
 
 
 def _float_sizes(jaxpr):
@@ -193,34 +206,49 @@ def _float_sizes(jaxpr):
 
 
 def test_embedding_reads_only_its_rows(getkey):
-    emb = eqx.nn.Embedding(50, 32, key=getkey())
-    q = ql.quantise(emb, "nf4", block_size=16)
-    dense = q.weight.materialise()
+    @eqx.filter_jit  # one compile, not one per eager op
+    def build(key):
+        emb = eqx.nn.Embedding(50, 32, key=key)
+        q, q2 = (ql.quantise(emb, "nf4", block_size=b) for b in (16, 64))
+        return q, q.weight.materialise(), q2
+
+    q, dense, q2 = build(getkey())
     ids = jnp.array([3, 0, 49, 7])
-    for f in (
-        lambda e, ids: jax.vmap(e)(ids),
-        lambda e, ids: e(ids[0]),
-        lambda e, ids: e.weight[2:5],
-        lambda e, ids: jnp.take(e.weight, ids, axis=0, mode="fill", fill_value=-2.0),
-    ):
-        out = quax.quaxify(f)(q, ids)
-        assert_tree_allclose(
-            out, f(eqx.tree_at(lambda e: e.weight, q, dense), ids), **F32
-        )
+    for f in _LOOKUPS:
         # No floating array of the table's size (50 × 32) is ever formed.
         jaxpr = jax.make_jaxpr(quax.quaxify(f))(q, ids)
         assert max(_float_sizes(jaxpr.jaxpr)) < 50 * 32
+    pairs, oob = _lookup_pairs(q, dense, q2, ids)
+    for got, want in pairs:
+        assert_tree_allclose(got, want, **F32)
+    np.testing.assert_array_equal(oob, -2.0 * np.ones((1, 32)))
+
+
+_LOOKUPS = (
+    lambda e, ids: jax.vmap(e)(ids),
+    lambda e, ids: e(ids[0]),
+    lambda e, ids: e.weight[2:5],
+    lambda e, ids: jnp.take(e.weight, ids, axis=0, mode="fill", fill_value=-2.0),
+)
+
+
+@eqx.filter_jit  # one compile for all the lookups, not one per eager op
+def _lookup_pairs(q, dense, q2, ids):
+    """Pairs `(quantised, dense)` of `_LOOKUPS` and, for `q2`, of a table whose
+    rows are not whole blocks (dequantised first: the same values); and an
+    out-of-bounds `take`."""
+    pairs = [
+        (quax.quaxify(f)(q, ids), f(eqx.tree_at(lambda e: e.weight, q, dense), ids))
+        for f in _LOOKUPS
+    ]
+    dense2 = q2.weight.materialise()
+    pairs.append((quax.quaxify(lambda e, ids: jax.vmap(e)(ids))(q2, ids), dense2[ids]))
     oob = quax.quaxify(
         lambda e: jnp.take(
             e.weight, jnp.array([60]), axis=0, mode="fill", fill_value=-2.0
         )
     )(q)
-    np.testing.assert_array_equal(oob, -2.0 * np.ones((1, 32)))
-    # A row that is not whole blocks: the table is dequantised first, same values.
-    q2 = ql.quantise(emb, "nf4", block_size=64)
-    dense2 = q2.weight.materialise()
-    out = quax.quaxify(lambda e, ids: jax.vmap(e)(ids))(q2, ids)
-    assert_tree_allclose(out, dense2[ids], **F32)
+    return pairs, oob
 
 
 def test_transpose_and_convert(getkey):
@@ -248,8 +276,19 @@ def test_transpose_and_convert(getkey):
 
 
 def _gpt_pair(key, kind="nf4", before=True, **kw):
+    # Compiled, not hundreds of eager ops: the base by one program (the same for
+    # both orders), the rest by another.
     k1, k2, k3 = jr.split(key, 3)
-    base = _f32(GPT(key=k1, dim=32))
+    return _gpt_qlora(_gpt_base(k1), k2, k3, kind, before, **kw)
+
+
+@eqx.filter_jit
+def _gpt_base(key):
+    return _f32(GPT(key=key, dim=32))
+
+
+@eqx.filter_jit
+def _gpt_qlora(base, k2, k3, kind, before, **kw):
     where = [eqx.nn.Linear, eqx.nn.Embedding]
     if before:
         model = ql.loraify(
@@ -285,22 +324,30 @@ def test_gpt_values_and_grads(getkey):
     assert_tree_allclose(leaves(qlora), leaves(ref), rtol=1e-4, atol=1e-5)
 
 
+# Exact equality, one compiled program for the whole tree (not one per leaf shape).
+_tree_equal = eqx.filter_jit(eqx.tree_equal)
+
+
 def test_quantise_before_or_after_loraify(getkey):
     a, _ = _gpt_pair(jr.key(3), before=True)
     b, _ = _gpt_pair(jr.key(3), before=False)
-    assert eqx.tree_equal(a, b)
+    assert _tree_equal(a, b)
     lora = b.blocks.attn.query_proj.weight
     assert isinstance(lora.weight, ql.QuantisedArray) and lora.a.dtype == jnp.float32
 
 
-def test_conv_model(getkey):
-    base = _f32(ResNet(depth=1, key=getkey()))
+@eqx.filter_jit
+def _conv_pair(k1, k2, k3):
+    base = _f32(ResNet(depth=1, key=k1))
     q = ql.quantise(base, "int4", block_size=8, double_quant=True)
     model = _nonzero_b(
-        ql.loraify(q, rank=2, key=getkey(), where=[eqx.nn.Conv2d, eqx.nn.Linear]),
-        getkey(),
+        ql.loraify(q, rank=2, key=k2, where=[eqx.nn.Conv2d, eqx.nn.Linear]), k3
     )
-    ref = _dequantised(model)
+    return model, _dequantised(model)
+
+
+def test_conv_model(getkey):
+    model, ref = _conv_pair(getkey(), getkey(), getkey())
     x = jr.normal(getkey(), (2, 3, 8, 8), jnp.float32)
 
     def loss(t, f):
@@ -313,19 +360,31 @@ def test_conv_model(getkey):
 
 
 def test_conv_transpose(getkey):
-    conv = _f32(eqx.nn.ConvTranspose1d(4, 6, 3, stride=2, key=getkey()))
-    model = _nonzero_b(
-        ql.loraify(
-            ql.quantise(conv, "nf4", block_size=8),
-            rank=2,
-            key=getkey(),
-            where=eqx.nn.ConvTranspose1d,
-        ),
-        getkey(),
-    )
-    ref = _dequantised(model)
+    @eqx.filter_jit  # one compile, not one per eager op
+    def outputs(k1, k2, k3, x):
+        conv = _f32(eqx.nn.ConvTranspose1d(4, 6, 3, stride=2, key=k1))
+        model = _nonzero_b(
+            ql.loraify(
+                ql.quantise(conv, "nf4", block_size=8),
+                rank=2,
+                key=k2,
+                where=eqx.nn.ConvTranspose1d,
+            ),
+            k3,
+        )
+        ref = _dequantised(model)
+        return quax.quaxify(model)(x), quax.quaxify(ref)(x)
+
+    keys = getkey(), getkey(), getkey()
     x = jr.normal(getkey(), (4, 9), jnp.float32)
-    assert_tree_allclose(quax.quaxify(model)(x), quax.quaxify(ref)(x), **F32)
+    assert_tree_allclose(*outputs(*keys, x), **F32)
+
+
+@eqx.filter_jit  # one compile for the lot, not one per eager op
+def _merge_run_requantise(qlora, tokens):
+    merged = ql.merge(qlora)
+    again = ql.quantise(merged, "nf4", block_size=16)
+    return merged, merged(tokens), quax.quaxify(qlora)(tokens), again
 
 
 def test_merge_and_requantise(getkey):
@@ -333,14 +392,11 @@ def test_merge_and_requantise(getkey):
     # `pos` is quantised but not adapted: merge dequantises it too.
     qlora = eqx.tree_at(lambda m: m.pos, qlora, ql.unloraify(qlora.pos))
     assert isinstance(qlora.pos.weight, ql.QuantisedArray)
-    merged = ql.merge(qlora)
+    tokens = jnp.arange(8) % 13
+    merged, got, want, again = _merge_run_requantise(qlora, tokens)
     is_value = lambda x: isinstance(x, quax.Value)
     assert not any(is_value(x) for x in jtu.tree_leaves(merged, is_leaf=is_value))
-    tokens = jnp.arange(8) % 13
-    assert_tree_allclose(
-        merged(tokens), quax.quaxify(qlora)(tokens), rtol=1e-4, atol=1e-5
-    )
-    again = ql.quantise(merged, "nf4", block_size=16)
+    assert_tree_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert isinstance(again.embed.weight, ql.QuantisedArray)
     del ref
 
@@ -356,12 +412,22 @@ def test_save_load_adapters(getkey, tmp_path):
         where=[eqx.nn.Linear, eqx.nn.Embedding],
     )
     loaded = ql.load_adapters(path, fresh)
-    assert eqx.tree_equal(loaded, qlora)
+    assert _tree_equal(loaded, qlora)
 
 
 def test_stored_bytes(getkey):
-    base = _f32(GPT(key=getkey(), dim=64, vocab=64))
-    qlora = ql.loraify(ql.quantise(base, "nf4"), rank=4, key=getkey())
+    def build(k1, k2):
+        base = _f32(GPT(key=k1, dim=64, vocab=64))
+        return ql.loraify(ql.quantise(base, "nf4"), rank=4, key=k2)
+
+    # Bytes depend on shapes and dtypes only: the model is built abstractly
+    # (`eval_shape`, nothing compiled) and its arrays are zeros of those shapes.
+    is_abstract = lambda x: isinstance(x, jax.ShapeDtypeStruct)
+    qlora = jtu.tree_map(
+        lambda x: jnp.asarray(np.zeros(x.shape, x.dtype)) if is_abstract(x) else x,
+        eqx.filter_eval_shape(build, getkey(), getkey()),
+        is_leaf=is_abstract,
+    )
     quantised = [x for x in jtu.tree_leaves(qlora, is_leaf=_is_q) if _is_q(x)]
     f32_bytes = sum(4 * q.size for q in quantised)
     q_bytes = sum(q.stored_bytes() for q in quantised)
@@ -378,8 +444,9 @@ def test_stored_bytes(getkey):
 def _step_memory(model, tokens):
     from benchmarks.steps import make_step
 
+    # `model` is abstract: its arrays are `jax.ShapeDtypeStruct`s.
     trainable, rest = ql.partition(model)
-    frozen, static = eqx.partition(rest, eqx.is_array)
+    frozen, static = eqx.partition(rest, lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
     def loss(model, x, y):
         logits = jax.vmap(model)(x)
@@ -387,21 +454,26 @@ def _step_memory(model, tokens):
 
     opt = optax.sgd(0.1)
     step = make_step(loss, static, opt, quaxified=True)
-    x, y = tokens[:, :-1], tokens[:, 1:]
-    args = (trainable, opt.init(trainable), frozen, x, y)
+    x = y = jax.ShapeDtypeStruct((tokens.shape[0], tokens.shape[1] - 1), tokens.dtype)
+    args = (trainable, jax.eval_shape(opt.init, trainable), frozen, x, y)
     return jax.jit(step).lower(*args).compile().memory_analysis()
 
 
 def test_memory(getkey):
     from benchmarks.models import GPT as BenchGPT
 
+    def models(depth, k1, k2):
+        base = BenchGPT(256, 256, 4, depth, scan=True, key=k1)
+        lora = ql.loraify(base, rank=8, key=k2, exclude="head")
+        return lora, ql.quantise(lora, "nf4")
+
     with jax.enable_x64(False):
-        tokens = jr.randint(getkey(), (1, 9), 0, 256)
+        # XLA's memory analysis needs only shapes and dtypes: the models and tokens
+        # are abstract (`eval_shape`), so building them compiles nothing.
+        tokens = jax.ShapeDtypeStruct((1, 9), jnp.int32)
         temps = {}
         for depth in (2, 4):
-            base = BenchGPT(256, 256, 4, depth, scan=True, key=getkey())
-            lora = ql.loraify(base, rank=8, key=getkey(), exclude="head")
-            qlora = ql.quantise(lora, "nf4")
+            lora, qlora = eqx.filter_eval_shape(models, depth, getkey(), getkey())
             m_lora, m_q = _step_memory(lora, tokens), _step_memory(qlora, tokens)
             # The step's arguments: the frozen base is most of them.
             ratio = m_q.argument_size_in_bytes / m_lora.argument_size_in_bytes
@@ -420,24 +492,27 @@ def test_peft_files_of_a_qlora_model(tmp_path):
 
     from .fixtures.make_peft_fixtures import eqx_base, HERE, MAPPING, ours
 
-    base = eqx_base(read_safetensors(os.path.join(HERE, "base.safetensors"))[0])
+    # Built by compiled programs (one each), not by hundreds of eager ops.
+    state = read_safetensors(os.path.join(HERE, "base.safetensors"))[0]
+    base = eqx.filter_jit(eqx_base)(state)
     io = read_safetensors(os.path.join(HERE, "io.safetensors"))[0]
-    model = ql.quantise(ours(base), "nf4", block_size=8)
+    plain = eqx.filter_jit(ours)(base)
+    quantise = eqx.filter_jit(lambda m: ql.quantise(m, "nf4", block_size=8))
+    model = quantise(plain)
     # The files hold the adapters only: the same as the unquantised model's.
     ql.save_peft(tmp_path / "q", model, MAPPING)
-    ql.save_peft(tmp_path / "plain", ours(base), MAPPING)
+    ql.save_peft(tmp_path / "plain", plain, MAPPING)
     got = read_safetensors(tmp_path / "q" / "adapter_model.safetensors")[0]
     want = read_safetensors(tmp_path / "plain" / "adapter_model.safetensors")[0]
     assert set(got) == set(want)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k])
-    loaded = ql.load_peft(
-        tmp_path / "q", ql.quantise(base, "nf4", block_size=8), MAPPING
-    )
+    loaded = ql.load_peft(tmp_path / "q", quantise(base), MAPPING)
 
+    @eqx.filter_jit  # one compile for both (the same structure), not per eager op
     def run(m):
         f = jax.vmap(quax.quaxify(m))
         return f(jnp.asarray(io["tokens"]), jnp.asarray(io["image"]))
 
     assert_tree_allclose(run(loaded), run(model), **F32)
-    assert ql.count_parameters(loaded).total == ql.count_parameters(ours(base)).total
+    assert ql.count_parameters(loaded).total == ql.count_parameters(plain).total
