@@ -7,6 +7,7 @@ two products and a sum."""
 import math
 from unittest import mock
 
+import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -38,6 +39,12 @@ def fuse(request):
 
 
 def _lora(key, shape, rank=3, batch_ndim=0, dtype=jnp.float32, adapter_dtype=None):
+    # Jitted: one compilation per signature rather than one per eager primitive.
+    return _build_lora(key, shape, rank, batch_ndim, dtype, adapter_dtype)
+
+
+@eqx.filter_jit
+def _build_lora(key, shape, rank, batch_ndim, dtype, adapter_dtype):
     k1, k2, k3 = jr.split(key, 3)
     w = jr.normal(k1, shape, dtype)
     lora = ql.LoraArray(
@@ -66,49 +73,43 @@ def _check(lora, x, dn, lora_is_lhs, dtype=None, preferred=None, grads=True):
         args = (l, x) if lora_is_lhs else (x, l)
         return lax.dot_general(*args, dn, preferred_element_type=preferred)
 
-    out = quax.quaxify(f)(lora, x)
-    ref = f(_dense(lora), x)
+    def loss(w, a, b, x, ct, dense):
+        l = ql.LoraArray(
+            w,
+            a=a,
+            b=b,
+            alpha=lora.alpha,
+            stop_gradient=False,
+            batch_ndim=lora.batch_ndim,
+        )
+        y = f(_dense(l), x) if dense else quax.quaxify(f)(l, x)
+        # Non-linear in y, so the gradients depend on the differentiated forward's
+        # value (a linear loss would never look at it).
+        return jnp.sum((jnp.sin(y) * ct).astype(_acc(y.dtype)))
+
+    # Jitted, values and gradients of both in one program: one compilation per case
+    # rather than one per eager primitive.
+    @eqx.filter_jit
+    def run(lora, x):
+        out = quax.quaxify(f)(lora, x)
+        ref = f(_dense(lora), x)
+        if not grads:
+            return out, ref, None
+        # Gradients with respect to a, b, w (stop_gradient=False) and x.
+        ct = jr.normal(jr.key(0), out.shape, jnp.float32).astype(out.dtype)
+        args = (lora.weight, lora.a, lora.b, x, ct)
+        vg = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+        return out, ref, (vg(*args, False), vg(*args, True))
+
+    out, ref, g = run(lora, x)
     tol = TOLS[jnp.dtype(dtype or x.dtype)]
     assert out.shape == ref.shape
     assert out.dtype == ref.dtype
     assert_tree_allclose(out, ref, **tol)
     if not grads:
         return
-    # Gradients with respect to a, b, w (stop_gradient=False) and x.
-    ct = jr.normal(jr.key(0), out.shape, jnp.float32).astype(out.dtype)
-
-    def loss_lora(w, a, b, x):
-        l = ql.LoraArray(
-            w,
-            a=a,
-            b=b,
-            alpha=lora.alpha,
-            stop_gradient=False,
-            batch_ndim=lora.batch_ndim,
-        )
-        y = quax.quaxify(f)(l, x)
-        # Non-linear in y, so the gradients depend on the differentiated forward's
-        # value (a linear loss would never look at it).
-        return jnp.sum((jnp.sin(y) * ct).astype(_acc(y.dtype)))
-
-    def loss_ref(w, a, b, x):
-        l = ql.LoraArray(
-            w,
-            a=a,
-            b=b,
-            alpha=lora.alpha,
-            stop_gradient=False,
-            batch_ndim=lora.batch_ndim,
-        )
-        y = f(_dense(l), x)
-        return jnp.sum((jnp.sin(y) * ct).astype(_acc(y.dtype)))
-
-    args = (lora.weight, lora.a, lora.b, x)
-    # Jitted: one compilation per case rather than one per eager primitive.
-    g = jax.jit(jax.value_and_grad(loss_lora, argnums=(0, 1, 2, 3)))(*args)
-    g_ref = jax.jit(jax.value_and_grad(loss_ref, argnums=(0, 1, 2, 3)))(*args)
     gtol = dict(tol, atol=tol["atol"] * 10)
-    assert_tree_allclose(g, g_ref, **gtol)
+    assert_tree_allclose(g[0], g[1], **gtol)
 
 
 # (weight shape, batch_ndim, x shape, dimension numbers, lora is lhs)
@@ -177,15 +178,17 @@ def test_lora_both_sides(getkey):
     l1 = _lora(getkey(), (5, 4))
     l2 = _lora(getkey(), (4, 6))
     dn = (((1,), (0,)), ((), ()))
-    out = quax.quaxify(lambda x, y: lax.dot_general(x, y, dn))(l1, l2)
-    ref = lax.dot_general(l1.merged(), l2.merged(), dn)
+    f = lambda x, y: lax.dot_general(x, y, dn)
+    # Jitted: one compilation rather than one per eager primitive.
+    out, ref = eqx.filter_jit(
+        lambda l1, l2: (quax.quaxify(f)(l1, l2), f(l1.merged(), l2.merged()))
+    )(l1, l2)
     assert_tree_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_matmul_forms(getkey):
     lora = _lora(getkey(), (5, 4))
     x = jr.normal(getkey(), (3, 4), jnp.float32)
-    w = lora.merged()
     fns = [
         lambda w, x: w @ x[0],
         lambda w, x: x @ w.T,
@@ -193,8 +196,15 @@ def test_matmul_forms(getkey):
         lambda w, x: jnp.dot(x, w.T),
         lambda w, x: jnp.matmul(w, x.T),
     ]
-    for fn in fns:
-        assert_tree_allclose(quax.quaxify(fn)(lora, x), fn(w, x), rtol=1e-5, atol=1e-6)
+    # Jitted, all forms in one program: one compilation rather than one per eager
+    # primitive.
+    run = eqx.filter_jit(
+        lambda lora, x: [
+            (quax.quaxify(fn)(lora, x), fn(lora.merged(), x)) for fn in fns
+        ]
+    )
+    for got, want in run(lora, x):
+        assert_tree_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_never_materialises(getkey):
@@ -292,8 +302,9 @@ def test_concat_label(case, lines_up):
         args = (l, x) if lhs else (x, l)
         return jnp.sum(lax.dot_general(*args, dn))
 
+    # Traced, not run: the rule picks its form while tracing.
     with mock.patch.object(factored, "concat_label", spy):
-        jax.grad(quax.quaxify(f), argnums=1)(lora, x)
+        jax.make_jaxpr(jax.grad(quax.quaxify(f), argnums=1))(lora, x)
     assert seen and all((c is not None) == lines_up for c in seen), seen
 
 
@@ -301,5 +312,8 @@ def test_zero_b_equals_base(getkey):
     w = jr.normal(getkey(), (8, 6))
     lora = ql.LoraArray(w, rank=2, key=getkey())
     x = jr.normal(getkey(), (4, 6))
-    out = quax.quaxify(lambda w, x: x @ w.T)(lora, x)
-    np.testing.assert_allclose(out, x @ w.T, rtol=1e-6, atol=1e-6)
+    f = lambda w, x: x @ w.T
+    out, ref = eqx.filter_jit(lambda l, x: (quax.quaxify(f)(l, x), f(l.weight, x)))(
+        lora, x
+    )
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
