@@ -20,7 +20,7 @@ from hypothesis import given, settings, strategies as st
 import quaxlora as ql
 import quaxlora._rules._factored as factored
 
-from .helpers import assert_tree_allclose, nonzero_lora, TOLS
+from .helpers import assert_tree_allclose, normal, np_rng, random_lora, TOLS
 
 
 # Reference comparisons: float64 at the highest matmul precision, so the
@@ -39,24 +39,17 @@ def fuse(request):
 
 
 def _lora(key, shape, rank=3, batch_ndim=0, dtype=jnp.float32, adapter_dtype=None):
-    # Jitted: one compilation per signature rather than one per eager primitive.
-    return _build_lora(key, shape, rank, batch_ndim, dtype, adapter_dtype)
-
-
-@eqx.filter_jit
-def _build_lora(key, shape, rank, batch_ndim, dtype, adapter_dtype):
-    k1, k2, k3 = jr.split(key, 3)
-    w = jr.normal(k1, shape, dtype)
-    lora = ql.LoraArray(
-        w,
+    # Drawn by NumPy: no compilation per shape (see tests/helpers.py).
+    rng = np_rng(key)
+    return random_lora(
+        normal(rng, shape, dtype),
         rank=rank,
         alpha=2.0 * rank,
         batch_ndim=batch_ndim,
         stop_gradient=False,
         dtype=adapter_dtype,
-        key=k2,
+        key=rng,
     )
-    return nonzero_lora(lora, k3)
 
 
 def _acc(dtype):
@@ -90,18 +83,19 @@ def _check(lora, x, dn, lora_is_lhs, dtype=None, preferred=None, grads=True):
     # Jitted, values and gradients of both in one program: one compilation per case
     # rather than one per eager primitive.
     @eqx.filter_jit
-    def run(lora, x):
+    def run(lora, x, ct):
         out = quax.quaxify(f)(lora, x)
         ref = f(_dense(lora), x)
         if not grads:
             return out, ref, None
         # Gradients with respect to a, b, w (stop_gradient=False) and x.
-        ct = jr.normal(jr.key(0), out.shape, jnp.float32).astype(out.dtype)
         args = (lora.weight, lora.a, lora.b, x, ct)
         vg = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
         return out, ref, (vg(*args, False), vg(*args, True))
 
-    out, ref, g = run(lora, x)
+    shape = jax.eval_shape(lambda l, x: f(_dense(l), x), lora, x)
+    ct = normal(0, shape.shape, shape.dtype)
+    out, ref, g = run(lora, x, ct)
     tol = TOLS[jnp.dtype(dtype or x.dtype)]
     assert out.shape == ref.shape
     assert out.dtype == ref.dtype
@@ -146,7 +140,7 @@ CASES = [
 )
 def test_cases(getkey, wshape, nb, xshape, dn, lhs, dtype, mode):
     lora = _lora(getkey(), wshape, batch_ndim=nb, dtype=dtype)
-    x = jr.normal(getkey(), xshape, dtype)
+    x = normal(getkey(), xshape, dtype)
     with mock.patch.object(factored, "FUSE_MAX_COPY", FUSE_MODES[mode]):
         _check(lora, x, dn, lhs)
 
@@ -154,7 +148,7 @@ def test_cases(getkey, wshape, nb, xshape, dn, lhs, dtype, mode):
 @pytest.mark.parametrize("wshape,nb,xshape,dn,lhs", CASES[:6])
 def test_bf16(getkey, wshape, nb, xshape, dn, lhs):
     lora = _lora(getkey(), wshape, batch_ndim=nb, dtype=jnp.bfloat16)
-    x = jr.normal(getkey(), xshape, jnp.bfloat16)
+    x = normal(getkey(), xshape, jnp.bfloat16)
     _check(lora, x, dn, lhs)
 
 
@@ -162,13 +156,13 @@ def test_mixed_adapter_dtype(getkey, fuse):
     # bf16 base, f32 adapters: the result has the dense bf16 op's dtype.
     lora = _lora(getkey(), (6, 5), dtype=jnp.bfloat16, adapter_dtype=jnp.float32)
     assert lora.a.dtype == jnp.float32 and lora.dtype == jnp.bfloat16
-    x = jr.normal(getkey(), (5,), jnp.bfloat16)
+    x = normal(getkey(), (5,), jnp.bfloat16)
     _check(lora, x, (((1,), (0,)), ((), ())), True)
 
 
 def test_preferred_element_type(getkey):
     lora = _lora(getkey(), (6, 5), dtype=jnp.bfloat16)
-    x = jr.normal(getkey(), (3, 5), jnp.bfloat16)
+    x = normal(getkey(), (3, 5), jnp.bfloat16)
     dn = (((1,), (1,)), ((), ()))
     # Tolerance of bf16: the reference rounds the merged weight to bf16.
     _check(lora, x, dn, True, dtype=jnp.bfloat16, preferred=jnp.float32, grads=False)
@@ -188,7 +182,7 @@ def test_lora_both_sides(getkey):
 
 def test_matmul_forms(getkey):
     lora = _lora(getkey(), (5, 4))
-    x = jr.normal(getkey(), (3, 4), jnp.float32)
+    x = normal(getkey(), (3, 4), jnp.float32)
     fns = [
         lambda w, x: w @ x[0],
         lambda w, x: x @ w.T,
@@ -211,7 +205,7 @@ def test_never_materialises(getkey):
     # The weight-sized product b @ a never appears in the jaxpr: every dot has a
     # rank-sized operand or is the base product against x.
     lora = _lora(getkey(), (64, 48), rank=2)
-    x = jr.normal(getkey(), (48,), jnp.float32)
+    x = normal(getkey(), (48,), jnp.float32)
     jaxpr = jax.make_jaxpr(quax.quaxify(lambda w, x: w @ x))(lora, x)
     for eqn in jaxpr.jaxpr.eqns:
         for v in eqn.outvars:
@@ -254,7 +248,7 @@ def test_random_dimension_numbers(mode, case):
     wshape, nb, xshape, dn, lhs, rank = case
     key = jr.key(sum(wshape) + 7 * len(xshape))
     lora = _lora(key, wshape, rank=rank, batch_ndim=nb, dtype=jnp.float64)
-    x = jr.normal(jr.fold_in(key, 1), xshape, jnp.float64)
+    x = normal(jr.fold_in(key, 1), xshape, jnp.float64)
     with mock.patch.object(factored, "FUSE_MAX_COPY", FUSE_MODES[mode]):
         _check(lora, x, dn, lhs)
 
@@ -271,7 +265,7 @@ def test_fused_forward_only_when_it_pays(getkey, rows, fused):
     # [w | b] is a w-sized temporary: taken when w.size <= FUSE_MAX_COPY·output
     # size, i.e. here (8·6 <= 2·rows·8) from 3 rows on.
     lora = _lora(getkey(), (8, 6), rank=2)
-    x = jr.normal(getkey(), (rows, 6), jnp.float32)
+    x = normal(getkey(), (rows, 6), jnp.float32)
     assert ("concatenate" in _grad_jaxpr(lora, x)) == fused
     # Inference is never fused: two products and a sum.
     jaxpr = str(jax.make_jaxpr(quax.quaxify(lambda w, x: x @ w.T))(lora, x))
@@ -309,9 +303,9 @@ def test_concat_label(case, lines_up):
 
 
 def test_zero_b_equals_base(getkey):
-    w = jr.normal(getkey(), (8, 6))
+    w = normal(getkey(), (8, 6))
     lora = ql.LoraArray(w, rank=2, key=getkey())
-    x = jr.normal(getkey(), (4, 6))
+    x = normal(getkey(), (4, 6))
     f = lambda w, x: x @ w.T
     out, ref = eqx.filter_jit(lambda l, x: (quax.quaxify(f)(l, x), f(l.weight, x)))(
         lora, x
