@@ -10,7 +10,14 @@ from hypothesis import assume, given, settings, strategies as st
 import quaxlora as ql
 from quaxlora._rules import _conv
 
-from .helpers import assert_tree_allclose, nonzero_lora, TOLS
+from .helpers import (
+    assert_tree_allclose,
+    normal,
+    np_rng,
+    random_arrays,
+    random_lora,
+    TOLS,
+)
 
 
 # Reference comparisons: float64 at the highest matmul precision, so the
@@ -88,17 +95,24 @@ def _setup(case, key, dtype=jnp.float64, layout=None, n=2, stop_gradient=True):
     (strings as `lax.conv_general_dilated` takes them; default NC..., OI...)."""
     _, nd, kwargs, cin, cout, kernel, size = case
     groups = kwargs.get("feature_group_count", 1)
-    k1, k2, k3 = jr.split(key, 3)
     spatial = "DHW"[-nd:] if nd > 1 else "W"
     lhs_l, rhs_l, out_l = layout or ("NC" + spatial, "OI" + spatial, "NC" + spatial)
     sizes = dict(N=n, C=cin, **dict(zip(spatial, size)))
-    x = jr.normal(k1, tuple(sizes[c] for c in lhs_l), dtype)
     ksizes = dict(O=cout, I=cin // groups, **dict(zip(spatial, kernel)))
-    w = jr.normal(k2, tuple(ksizes[c] for c in rhs_l), dtype) / 3
-    lora = ql.LoraArray(w, rank=2, alpha=3.0, key=k3, stop_gradient=stop_gradient)
-    lora = nonzero_lora(lora, jr.fold_in(key, 1))
+    xshape = tuple(sizes[c] for c in lhs_l)
+    wshape = tuple(ksizes[c] for c in rhs_l)
+    x, lora = _build(key, xshape, wshape, dtype, stop_gradient)
     kwargs = dict(kwargs, dimension_numbers=(lhs_l, rhs_l, out_l))
     return x, lora, kwargs
+
+
+def _build(key, xshape, wshape, dtype, stop_gradient):
+    # Drawn by NumPy: no compilation per shape (see tests/helpers.py).
+    rng = np_rng(key)
+    x = normal(rng, xshape, dtype)
+    w = normal(rng, wshape, dtype, scale=1 / 3)
+    lora = random_lora(w, rank=2, alpha=3.0, key=rng, stop_gradient=stop_gradient)
+    return x, lora
 
 
 def _dense(x, lora, kwargs):
@@ -113,8 +127,19 @@ def _plans(x, lora, kwargs):
     fns["dispatch"] = quax.quaxify(
         lambda x, l: lax.conv_general_dilated(x, l, **kwargs)
     )
-    # jit: one compilation per plan, rather than one per primitive.
-    return {name: eqx.filter_jit(f) for name, f in fns.items()}
+    return fns
+
+
+def _run_plans(x, lora, kwargs, ref=_dense):
+    """Every plan's output and the dense reference `ref(x, lora, kwargs)`, in one
+    compiled program (rather than one per eager primitive)."""
+    fns = _plans(x, lora, kwargs)
+
+    @eqx.filter_jit
+    def run(x, lora):
+        return {name: f(x, lora) for name, f in fns.items()}, ref(x, lora, kwargs)
+
+    return run(x, lora)
 
 
 LAYOUTS = [
@@ -128,9 +153,8 @@ LAYOUTS = [
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_values(case, getkey):
     x, lora, kwargs = _setup(case, getkey())
-    want = _dense(x, lora, kwargs)
-    for name, f in _plans(x, lora, kwargs).items():
-        got = f(x, lora)
+    outs, want = _run_plans(x, lora, kwargs)
+    for name, got in outs.items():
         assert got.shape == want.shape and got.dtype == want.dtype, name
         assert_tree_allclose(got, want, **TOL)
 
@@ -139,12 +163,11 @@ def test_values(case, getkey):
 def test_dimension_numbers(layout, getkey):
     case = CASES[1]
     x, lora, kwargs = _setup(case, getkey(), layout=layout)
-    want = _dense(x, lora, kwargs)
-    plans = _plans(x, lora, kwargs)
+    outs, want = _run_plans(x, lora, kwargs)
     orientation = _conv.conv_plan(x, lora, **kwargs).orientation
     assert orientation == {"OIW": "out", "WIO": None, "IOW": "in"}[layout[1]]
-    for f in plans.values():
-        assert_tree_allclose(f(x, lora), want, **TOL)
+    for got in outs.values():
+        assert_tree_allclose(got, want, **TOL)
 
 
 GRAD_CASES = [CASES[i] for i in (1, 3, 4, 6, 8)]
@@ -154,14 +177,23 @@ GRAD_CASES = [CASES[i] for i in (1, 3, 4, 6, 8)]
 @pytest.mark.parametrize("case", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
 def test_gradients(case, stop_gradient, getkey):
     x, lora, kwargs = _setup(case, getkey(), stop_gradient=stop_gradient)
-    cot = jr.normal(getkey(), _dense(x, lora, kwargs).shape, x.dtype)
-    ref = lambda l, x: jnp.sum(cot * _dense(x, l, kwargs))
-    want = eqx.filter_grad(ref)(lora, x)
-    want_x = jax.grad(ref, argnums=1)(lora, x)
-    for f in _plans(x, lora, kwargs).values():
-        loss = lambda l, x: jnp.sum(cot * f(x, l))
-        got = eqx.filter_jit(eqx.filter_grad(loss))(lora, x)
-        got_x = jax.jit(jax.grad(loss, argnums=1))(lora, x)
+    shape = jax.eval_shape(lambda x, l: _dense(x, l, kwargs), x, lora).shape
+    cot = normal(getkey(), shape, x.dtype)
+    fns = _plans(x, lora, kwargs)
+
+    # Jitted, the reference and every plan in one program: one compilation rather
+    # than one per eager primitive.
+    @eqx.filter_jit
+    def grads(lora, x, cot):
+        def both(f):
+            loss = lambda l, x: jnp.sum(cot * f(x, l))
+            return eqx.filter_grad(loss)(lora, x), jax.grad(loss, argnums=1)(lora, x)
+
+        ref = both(lambda x, l: _dense(x, l, kwargs))
+        return ref, [both(f) for f in fns.values()]
+
+    (want, want_x), got_all = grads(lora, x, cot)
+    for got, got_x in got_all:
         assert_tree_allclose(got, want, **TOL)
         assert_tree_allclose(got_x, want_x, **TOL)
         if stop_gradient:
@@ -174,33 +206,38 @@ def test_gradients(case, stop_gradient, getkey):
 @pytest.mark.parametrize("case", [CASES[2], CASES[6]], ids=["dense", "depthwise"])
 def test_dtypes(case, dtype, getkey):
     x, lora, kwargs = _setup(case, getkey(), dtype=dtype)
-    want = _dense(
+    ref = lambda x, lora, kwargs: _dense(
         x.astype(jnp.float64),
         jax.tree.map(lambda v: v.astype(jnp.float64), lora),
         kwargs,
     )
-    for f in _plans(x, lora, kwargs).values():
-        got = f(x, lora)
+    outs, want = _run_plans(x, lora, kwargs, ref)
+    for got in outs.values():
         assert got.dtype == dtype
         assert_tree_allclose(got.astype(jnp.float64), want, **TOLS[jnp.dtype(dtype)])
 
 
 def test_jit_vmap_grad(getkey):
     x, lora, kwargs = _setup(CASES[5], getkey(), n=1)
-    xs = jr.normal(getkey(), (3, *x.shape), x.dtype)
+    xs = normal(getkey(), (3, *x.shape), x.dtype)
     conv = lambda l, x: lax.conv_general_dilated(x, l, **kwargs)
-    dense = jax.vmap(lambda x: conv(lora.merged(), x))(xs)
     qconv = quax.quaxify(conv)
+    loss = lambda l: jnp.sum(jnp.sin(jax.vmap(qconv, (None, 0))(l, xs)))
+    ref = lambda l: jnp.sum(jnp.sin(jax.vmap(conv, (None, 0))(l.merged(), xs)))
+    # The references jitted, in one program (one compilation rather than one per
+    # eager primitive); the eager `vmap` of the rule below stays eager.
+    dense, grad_ref = eqx.filter_jit(
+        lambda lora: (
+            jax.vmap(lambda x: conv(lora.merged(), x))(xs),
+            eqx.filter_grad(ref)(lora),
+        )
+    )(lora)
     assert_tree_allclose(jax.jit(jax.vmap(qconv, (None, 0)))(lora, xs), dense, **TOL)
     assert_tree_allclose(jax.vmap(qconv, (None, 0))(lora, xs), dense, **TOL)
     assert_tree_allclose(
         quax.quaxify(jax.vmap(conv, (None, 0)))(lora, xs), dense, **TOL
     )
-    loss = lambda l: jnp.sum(jnp.sin(jax.vmap(qconv, (None, 0))(l, xs)))
-    ref = lambda l: jnp.sum(jnp.sin(jax.vmap(conv, (None, 0))(l.merged(), xs)))
-    assert_tree_allclose(
-        eqx.filter_jit(eqx.filter_grad(loss))(lora), eqx.filter_grad(ref)(lora), **TOL
-    )
+    assert_tree_allclose(eqx.filter_jit(eqx.filter_grad(loss))(lora), grad_ref, **TOL)
 
 
 @pytest.mark.parametrize(
@@ -218,22 +255,28 @@ def test_jit_vmap_grad(getkey):
     ],
 )
 def test_equinox_layers(make, getkey):
-    layer = make(getkey())
-    lora = ql.loraify(
-        layer, rank=2, key=getkey(), where=(eqx.nn.Conv, eqx.nn.ConvTranspose)
-    )
-    lora = eqx.tree_at(lambda m: m.weight, lora, nonzero_lora(lora.weight, getkey()))
-    in_ch = layer.in_channels
-    x = jr.normal(getkey(), (in_ch,) + (5,) * layer.num_spatial_dims)
-    assert_tree_allclose(
-        quax.quaxify(lora)(x), ql.merge(lora)(x), **TOLS[jnp.dtype(jnp.float32)]
-    )
+    # The loraified layer's structure, its arrays (weight, bias, `a`, a non-zero `b`)
+    # drawn by NumPy: no compilation (see tests/helpers.py). The checks are jitted:
+    # one compilation rather than one per eager primitive.
+    where = (eqx.nn.Conv, eqx.nn.ConvTranspose)
+    build = lambda k: ql.loraify(make(k), rank=2, key=k, where=where)
+    lora = random_arrays(eqx.filter_eval_shape(build, getkey()), getkey())
+    layer = ql.unloraify(lora)
+    x = normal(getkey(), (layer.in_channels,) + (5,) * layer.num_spatial_dims)
     loss = lambda m, x: jnp.sum(quax.quaxify(m)(x) ** 2)
     trainable, frozen = ql.partition(lora)
-    got = eqx.filter_grad(lambda t: loss(eqx.combine(t, frozen), x))(trainable)
-    want = eqx.filter_grad(lambda t: jnp.sum(ql.merge(eqx.combine(t, frozen))(x) ** 2))(
-        trainable
-    )
+
+    @eqx.filter_jit
+    def check(trainable, frozen, x):
+        lora = eqx.combine(trainable, frozen)
+        got = eqx.filter_grad(lambda t: loss(eqx.combine(t, frozen), x))(trainable)
+        want = eqx.filter_grad(
+            lambda t: jnp.sum(ql.merge(eqx.combine(t, frozen))(x) ** 2)
+        )(trainable)
+        return quax.quaxify(lora)(x), ql.merge(lora)(x), got, want
+
+    out, ref, got, want = check(trainable, frozen, x)
+    assert_tree_allclose(out, ref, **TOLS[jnp.dtype(jnp.float32)])
     assert_tree_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -248,14 +291,14 @@ def test_rev_and_conv_transpose(getkey):
     g = lambda l, x: lax.conv_transpose(
         x, l, (2, 2), "SAME", dimension_numbers=("NCHW", "IOHW", "NCHW")
     )
-    x = jr.normal(getkey(), (2, 6, 4, 4), jnp.float64)
+    x = normal(getkey(), (2, 6, 4, 4), jnp.float64)
     assert_tree_allclose(quax.quaxify(g)(lora, x), g(lora.merged(), x), **TOL)
 
 
 def test_batch_group_count(getkey):
-    x = jr.normal(getkey(), (4, 3, 6), jnp.float64)
-    w = jr.normal(getkey(), (4, 3, 2), jnp.float64)
-    lora = nonzero_lora(ql.LoraArray(w, rank=2, key=getkey()), getkey())
+    x = normal(getkey(), (4, 3, 6), jnp.float64)
+    w = normal(getkey(), (4, 3, 2), jnp.float64)
+    lora = random_lora(w, rank=2, key=getkey())
     kwargs = dict(window_strides=(1,), padding="VALID", batch_group_count=2)
     assert _conv.conv_plan(x, lora, **kwargs).plan == "delta"
     got = quax.quaxify(lambda l: lax.conv_general_dilated(x, l, **kwargs))(lora)
@@ -336,17 +379,28 @@ def test_stacked_convs(getkey):
     # A stack of convs (`filter_vmap`): vmap with quaxify inside runs the rule per
     # layer; quaxify outside meets `reshape` from conv's batching rule, which folds
     # the stack into the kernel's features (tests/test_reshape.py).
-    make = lambda k: eqx.nn.Conv2d(3, 4, 3, key=k)
-    convs = eqx.filter_vmap(make)(jr.split(getkey(), 2))
-    lora = ql.loraify(convs, rank=2, key=getkey(), where=eqx.nn.Conv)
-    lora = eqx.tree_at(lambda m: m.weight, lora, nonzero_lora(lora.weight, getkey()))
+    # The structure of the loraified stack, its arrays (weights, biases, `a`, a
+    # non-zero `b`) drawn by NumPy: no compilation (see tests/helpers.py). The checks
+    # are jitted: one compilation rather than one per eager primitive.
+    def build(key):
+        make = lambda k: eqx.nn.Conv2d(3, 4, 3, key=k)
+        convs = eqx.filter_vmap(make)(jr.split(key, 2))
+        return ql.loraify(convs, rank=2, key=key, where=eqx.nn.Conv)
+
+    lora = random_arrays(eqx.filter_eval_shape(build, getkey()), getkey())
+    xs = normal(getkey(), (2, 3, 6, 6))
     assert lora.weight.batch_ndim == 1
-    xs = jr.normal(getkey(), (2, 3, 6, 6))
-    got = eqx.filter_vmap(lambda m, x: quax.quaxify(m)(x))(lora, xs)
-    want = eqx.filter_vmap(lambda m, x: m(x))(ql.merge(lora), xs)
-    assert_tree_allclose(got, want, **TOLS[jnp.dtype(jnp.float32)])
-    got = quax.quaxify(eqx.filter_vmap(lambda m, x: m(x)))(lora, xs)
-    assert_tree_allclose(got, want, **TOLS[jnp.dtype(jnp.float32)])
+
+    @eqx.filter_jit
+    def run(lora, xs):
+        inside = eqx.filter_vmap(lambda m, x: quax.quaxify(m)(x))(lora, xs)
+        outside = quax.quaxify(eqx.filter_vmap(lambda m, x: m(x)))(lora, xs)
+        want = eqx.filter_vmap(lambda m, x: m(x))(ql.merge(lora), xs)
+        return inside, outside, want
+
+    inside, outside, want = run(lora, xs)
+    assert_tree_allclose(inside, want, **TOLS[jnp.dtype(jnp.float32)])
+    assert_tree_allclose(outside, want, **TOLS[jnp.dtype(jnp.float32)])
 
 
 @st.composite
@@ -381,9 +435,10 @@ def test_random_convolutions(case):
     case, layout = case
     x, lora, kwargs = _setup(case, jr.key(len(str(case))), layout=layout, n=1)
     try:
-        want = _dense(x, lora, kwargs)
+        shape = jax.eval_shape(lambda x, l: _dense(x, l, kwargs), x, lora)  # no run
     except (ValueError, TypeError):
         assume(False)  # e.g. a dilated kernel larger than the padded input
-    assume(want.size > 0)
-    for f in _plans(x, lora, kwargs).values():
-        assert_tree_allclose(f(x, lora), want, **TOL)
+    assume(shape.size > 0)
+    outs, want = _run_plans(x, lora, kwargs)
+    for got in outs.values():
+        assert_tree_allclose(got, want, **TOL)

@@ -7,6 +7,7 @@ two products and a sum."""
 import math
 from unittest import mock
 
+import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from hypothesis import given, settings, strategies as st
 import quaxlora as ql
 import quaxlora._rules._factored as factored
 
-from .helpers import assert_tree_allclose, nonzero_lora, TOLS
+from .helpers import assert_tree_allclose, normal, np_rng, random_lora, TOLS
 
 
 # Reference comparisons: float64 at the highest matmul precision, so the
@@ -38,18 +39,17 @@ def fuse(request):
 
 
 def _lora(key, shape, rank=3, batch_ndim=0, dtype=jnp.float32, adapter_dtype=None):
-    k1, k2, k3 = jr.split(key, 3)
-    w = jr.normal(k1, shape, dtype)
-    lora = ql.LoraArray(
-        w,
+    # Drawn by NumPy: no compilation per shape (see tests/helpers.py).
+    rng = np_rng(key)
+    return random_lora(
+        normal(rng, shape, dtype),
         rank=rank,
         alpha=2.0 * rank,
         batch_ndim=batch_ndim,
         stop_gradient=False,
         dtype=adapter_dtype,
-        key=k2,
+        key=rng,
     )
-    return nonzero_lora(lora, k3)
 
 
 def _acc(dtype):
@@ -66,49 +66,44 @@ def _check(lora, x, dn, lora_is_lhs, dtype=None, preferred=None, grads=True):
         args = (l, x) if lora_is_lhs else (x, l)
         return lax.dot_general(*args, dn, preferred_element_type=preferred)
 
-    out = quax.quaxify(f)(lora, x)
-    ref = f(_dense(lora), x)
+    def loss(w, a, b, x, ct, dense):
+        l = ql.LoraArray(
+            w,
+            a=a,
+            b=b,
+            alpha=lora.alpha,
+            stop_gradient=False,
+            batch_ndim=lora.batch_ndim,
+        )
+        y = f(_dense(l), x) if dense else quax.quaxify(f)(l, x)
+        # Non-linear in y, so the gradients depend on the differentiated forward's
+        # value (a linear loss would never look at it).
+        return jnp.sum((jnp.sin(y) * ct).astype(_acc(y.dtype)))
+
+    # Jitted, values and gradients of both in one program: one compilation per case
+    # rather than one per eager primitive.
+    @eqx.filter_jit
+    def run(lora, x, ct):
+        out = quax.quaxify(f)(lora, x)
+        ref = f(_dense(lora), x)
+        if not grads:
+            return out, ref, None
+        # Gradients with respect to a, b, w (stop_gradient=False) and x.
+        args = (lora.weight, lora.a, lora.b, x, ct)
+        vg = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+        return out, ref, (vg(*args, False), vg(*args, True))
+
+    shape = jax.eval_shape(lambda l, x: f(_dense(l), x), lora, x)
+    ct = normal(0, shape.shape, shape.dtype)
+    out, ref, g = run(lora, x, ct)
     tol = TOLS[jnp.dtype(dtype or x.dtype)]
     assert out.shape == ref.shape
     assert out.dtype == ref.dtype
     assert_tree_allclose(out, ref, **tol)
     if not grads:
         return
-    # Gradients with respect to a, b, w (stop_gradient=False) and x.
-    ct = jr.normal(jr.key(0), out.shape, jnp.float32).astype(out.dtype)
-
-    def loss_lora(w, a, b, x):
-        l = ql.LoraArray(
-            w,
-            a=a,
-            b=b,
-            alpha=lora.alpha,
-            stop_gradient=False,
-            batch_ndim=lora.batch_ndim,
-        )
-        y = quax.quaxify(f)(l, x)
-        # Non-linear in y, so the gradients depend on the differentiated forward's
-        # value (a linear loss would never look at it).
-        return jnp.sum((jnp.sin(y) * ct).astype(_acc(y.dtype)))
-
-    def loss_ref(w, a, b, x):
-        l = ql.LoraArray(
-            w,
-            a=a,
-            b=b,
-            alpha=lora.alpha,
-            stop_gradient=False,
-            batch_ndim=lora.batch_ndim,
-        )
-        y = f(_dense(l), x)
-        return jnp.sum((jnp.sin(y) * ct).astype(_acc(y.dtype)))
-
-    args = (lora.weight, lora.a, lora.b, x)
-    # Jitted: one compilation per case rather than one per eager primitive.
-    g = jax.jit(jax.value_and_grad(loss_lora, argnums=(0, 1, 2, 3)))(*args)
-    g_ref = jax.jit(jax.value_and_grad(loss_ref, argnums=(0, 1, 2, 3)))(*args)
     gtol = dict(tol, atol=tol["atol"] * 10)
-    assert_tree_allclose(g, g_ref, **gtol)
+    assert_tree_allclose(g[0], g[1], **gtol)
 
 
 # (weight shape, batch_ndim, x shape, dimension numbers, lora is lhs)
@@ -145,7 +140,7 @@ CASES = [
 )
 def test_cases(getkey, wshape, nb, xshape, dn, lhs, dtype, mode):
     lora = _lora(getkey(), wshape, batch_ndim=nb, dtype=dtype)
-    x = jr.normal(getkey(), xshape, dtype)
+    x = normal(getkey(), xshape, dtype)
     with mock.patch.object(factored, "FUSE_MAX_COPY", FUSE_MODES[mode]):
         _check(lora, x, dn, lhs)
 
@@ -153,7 +148,7 @@ def test_cases(getkey, wshape, nb, xshape, dn, lhs, dtype, mode):
 @pytest.mark.parametrize("wshape,nb,xshape,dn,lhs", CASES[:6])
 def test_bf16(getkey, wshape, nb, xshape, dn, lhs):
     lora = _lora(getkey(), wshape, batch_ndim=nb, dtype=jnp.bfloat16)
-    x = jr.normal(getkey(), xshape, jnp.bfloat16)
+    x = normal(getkey(), xshape, jnp.bfloat16)
     _check(lora, x, dn, lhs)
 
 
@@ -161,13 +156,13 @@ def test_mixed_adapter_dtype(getkey, fuse):
     # bf16 base, f32 adapters: the result has the dense bf16 op's dtype.
     lora = _lora(getkey(), (6, 5), dtype=jnp.bfloat16, adapter_dtype=jnp.float32)
     assert lora.a.dtype == jnp.float32 and lora.dtype == jnp.bfloat16
-    x = jr.normal(getkey(), (5,), jnp.bfloat16)
+    x = normal(getkey(), (5,), jnp.bfloat16)
     _check(lora, x, (((1,), (0,)), ((), ())), True)
 
 
 def test_preferred_element_type(getkey):
     lora = _lora(getkey(), (6, 5), dtype=jnp.bfloat16)
-    x = jr.normal(getkey(), (3, 5), jnp.bfloat16)
+    x = normal(getkey(), (3, 5), jnp.bfloat16)
     dn = (((1,), (1,)), ((), ()))
     # Tolerance of bf16: the reference rounds the merged weight to bf16.
     _check(lora, x, dn, True, dtype=jnp.bfloat16, preferred=jnp.float32, grads=False)
@@ -177,15 +172,17 @@ def test_lora_both_sides(getkey):
     l1 = _lora(getkey(), (5, 4))
     l2 = _lora(getkey(), (4, 6))
     dn = (((1,), (0,)), ((), ()))
-    out = quax.quaxify(lambda x, y: lax.dot_general(x, y, dn))(l1, l2)
-    ref = lax.dot_general(l1.merged(), l2.merged(), dn)
+    f = lambda x, y: lax.dot_general(x, y, dn)
+    # Jitted: one compilation rather than one per eager primitive.
+    out, ref = eqx.filter_jit(
+        lambda l1, l2: (quax.quaxify(f)(l1, l2), f(l1.merged(), l2.merged()))
+    )(l1, l2)
     assert_tree_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_matmul_forms(getkey):
     lora = _lora(getkey(), (5, 4))
-    x = jr.normal(getkey(), (3, 4), jnp.float32)
-    w = lora.merged()
+    x = normal(getkey(), (3, 4), jnp.float32)
     fns = [
         lambda w, x: w @ x[0],
         lambda w, x: x @ w.T,
@@ -193,15 +190,22 @@ def test_matmul_forms(getkey):
         lambda w, x: jnp.dot(x, w.T),
         lambda w, x: jnp.matmul(w, x.T),
     ]
-    for fn in fns:
-        assert_tree_allclose(quax.quaxify(fn)(lora, x), fn(w, x), rtol=1e-5, atol=1e-6)
+    # Jitted, all forms in one program: one compilation rather than one per eager
+    # primitive.
+    run = eqx.filter_jit(
+        lambda lora, x: [
+            (quax.quaxify(fn)(lora, x), fn(lora.merged(), x)) for fn in fns
+        ]
+    )
+    for got, want in run(lora, x):
+        assert_tree_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_never_materialises(getkey):
     # The weight-sized product b @ a never appears in the jaxpr: every dot has a
     # rank-sized operand or is the base product against x.
     lora = _lora(getkey(), (64, 48), rank=2)
-    x = jr.normal(getkey(), (48,), jnp.float32)
+    x = normal(getkey(), (48,), jnp.float32)
     jaxpr = jax.make_jaxpr(quax.quaxify(lambda w, x: w @ x))(lora, x)
     for eqn in jaxpr.jaxpr.eqns:
         for v in eqn.outvars:
@@ -244,7 +248,7 @@ def test_random_dimension_numbers(mode, case):
     wshape, nb, xshape, dn, lhs, rank = case
     key = jr.key(sum(wshape) + 7 * len(xshape))
     lora = _lora(key, wshape, rank=rank, batch_ndim=nb, dtype=jnp.float64)
-    x = jr.normal(jr.fold_in(key, 1), xshape, jnp.float64)
+    x = normal(jr.fold_in(key, 1), xshape, jnp.float64)
     with mock.patch.object(factored, "FUSE_MAX_COPY", FUSE_MODES[mode]):
         _check(lora, x, dn, lhs)
 
@@ -261,7 +265,7 @@ def test_fused_forward_only_when_it_pays(getkey, rows, fused):
     # [w | b] is a w-sized temporary: taken when w.size <= FUSE_MAX_COPY·output
     # size, i.e. here (8·6 <= 2·rows·8) from 3 rows on.
     lora = _lora(getkey(), (8, 6), rank=2)
-    x = jr.normal(getkey(), (rows, 6), jnp.float32)
+    x = normal(getkey(), (rows, 6), jnp.float32)
     assert ("concatenate" in _grad_jaxpr(lora, x)) == fused
     # Inference is never fused: two products and a sum.
     jaxpr = str(jax.make_jaxpr(quax.quaxify(lambda w, x: x @ w.T))(lora, x))
@@ -292,14 +296,18 @@ def test_concat_label(case, lines_up):
         args = (l, x) if lhs else (x, l)
         return jnp.sum(lax.dot_general(*args, dn))
 
+    # Traced, not run: the rule picks its form while tracing.
     with mock.patch.object(factored, "concat_label", spy):
-        jax.grad(quax.quaxify(f), argnums=1)(lora, x)
+        jax.make_jaxpr(jax.grad(quax.quaxify(f), argnums=1))(lora, x)
     assert seen and all((c is not None) == lines_up for c in seen), seen
 
 
 def test_zero_b_equals_base(getkey):
-    w = jr.normal(getkey(), (8, 6))
+    w = normal(getkey(), (8, 6))
     lora = ql.LoraArray(w, rank=2, key=getkey())
-    x = jr.normal(getkey(), (4, 6))
-    out = quax.quaxify(lambda w, x: x @ w.T)(lora, x)
-    np.testing.assert_allclose(out, x @ w.T, rtol=1e-6, atol=1e-6)
+    x = normal(getkey(), (4, 6))
+    f = lambda w, x: x @ w.T
+    out, ref = eqx.filter_jit(lambda l, x: (quax.quaxify(f)(l, x), f(l.weight, x)))(
+        lora, x
+    )
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)

@@ -12,7 +12,7 @@ import quax
 
 import quaxlora as ql
 
-from .helpers import assert_tree_allclose
+from .helpers import assert_tree_allclose, normal, random_arrays
 
 
 # Reference comparisons: float64 at the highest matmul precision, so the
@@ -76,10 +76,15 @@ MODELS = {"mlp": _mlp, "conv": ConvNet, "scan": Scanned}
 
 @pytest.fixture(params=list(MODELS))
 def pair(request, getkey):
-    """A LoRA model (rank 3, trained `b`) and its merged dense twin."""
-    model = MODELS[request.param](getkey())
-    lora = _trained(ql.loraify(model, rank=3, alpha=5.0, key=getkey()), getkey())
-    return lora, ql.merge(lora), jr.normal(getkey(), (12,), jnp.float64)
+    """A LoRA model (rank 3, trained `b`) and its merged dense twin. The model and
+    its adapters are traced, not run, their arrays drawn by NumPy: no compilation
+    per shape (see tests/helpers.py)."""
+    make = MODELS[request.param]
+    model = random_arrays(eqx.filter_eval_shape(make, jr.key(0)), getkey())
+    adapt = lambda m: ql.loraify(m, rank=3, alpha=5.0, key=jr.key(0))
+    adapters = ql.partition(eqx.filter_eval_shape(adapt, model))[0]
+    lora = ql.with_adapters(model, random_arrays(adapters, getkey()))
+    return lora, ql.merge(lora), normal(getkey(), (12,), jnp.float64)
 
 
 def _f(model):

@@ -19,12 +19,13 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
+import numpy as np
 import quax
 from hypothesis import given, settings
 
 import quaxlora as ql
 
-from .helpers import assert_tree_allclose
+from .helpers import assert_tree_allclose, device, normal, np_rng, random_arrays
 
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -46,26 +47,31 @@ def _lora_spec(draw, *, batch=(0, 1), core=(2, 3), sizes=(1, 4), ones=False):
 
 
 def _make(spec):
+    # Drawn by NumPy: no compilation per shape (see tests/helpers.py). The DoRA
+    # magnitude is the initial one, `‖w + s·b⊗a‖` along the DoRA axis, moved.
     shape, n, rank, dora_axis, seed = spec
-    k1, k2, k3, k4 = jr.split(jr.key(seed), 4)
-    lora = ql.LoraArray(
-        jr.normal(k1, shape, jnp.float32),
-        rank=rank,
+    rng = np_rng(seed)
+    batch, out, rest = shape[:n], shape[n], shape[n + 1 :]
+    w = rng.standard_normal(shape)
+    bound = 1 / np.sqrt(np.prod(rest))
+    a = rng.uniform(-bound, bound, (*batch, rank, *rest))
+    b = 0.5 * rng.standard_normal((*batch, out, rank))
+    kwargs = {}
+    if dora_axis is not None:
+        ba = np.einsum("...or,...rx->...ox", b, a.reshape(*batch, rank, -1))
+        v = w + 2.0 * ba.reshape(shape)  # scaling = alpha / rank = 2
+        axes = tuple(i for i in range(n, len(shape)) if i != n + dora_axis)
+        m = np.sqrt(np.sum(v**2, axis=axes))
+        m = m * (1 + 0.3 * rng.uniform(size=m.shape))
+        kwargs = dict(magnitude=device(m, jnp.float32), dora_axis=dora_axis)
+    return ql.LoraArray(
+        device(w, jnp.float32),
+        a=device(a, jnp.float32),
+        b=device(b, jnp.float32),
         alpha=2.0 * rank,
         batch_ndim=n,
-        key=k2,
-        use_dora=dora_axis is not None,
-        dora_axis=0 if dora_axis is None else dora_axis,
+        **kwargs,
     )
-    lora = eqx.tree_at(
-        lambda l: l.b, lora, 0.5 * jr.normal(k3, lora.b.shape, jnp.float32)
-    )
-    if lora.magnitude is not None:
-        m = lora.magnitude * (
-            1 + 0.3 * jr.uniform(k4, lora.magnitude.shape, jnp.float32)
-        )
-        lora = eqx.tree_at(lambda l: l.magnitude, lora, m)
-    return lora
 
 
 def _trained(lora):
@@ -94,7 +100,7 @@ def _check(f, lora, *, factored=None):
         return values, grads
 
     shape = jax.eval_shape(lambda: f(lora.merged()))
-    ct = jr.normal(jr.key(1), shape.shape, shape.dtype)
+    ct = normal(1, shape.shape, shape.dtype)
     (got, want), (g_got, g_want) = both(_trained(lora), ct)
     if factored is not None:
         assert (kinds[0] is ql.LoraArray) == factored, kinds[0]
@@ -246,18 +252,6 @@ def _build(structure, key):
     return _Block(_build(("list", parts[0]), k1), _build(("dict", parts[1]), k2))
 
 
-def _perturbed(model, key):
-    """Every trainable array moved, so a load that drops or mixes them up shows."""
-    trainable, frozen = ql.partition(model)
-    leaves, treedef = jtu.tree_flatten(trainable)
-    keys = jr.split(key, max(len(leaves), 1))
-    leaves = [
-        x + 0.1 * jr.normal(k, x.shape, x.dtype) if eqx.is_inexact_array(x) else x
-        for x, k in zip(leaves, keys)
-    ]
-    return eqx.combine(jtu.tree_unflatten(treedef, leaves), frozen)
-
-
 @settings(max_examples=6, deadline=None)
 @given(
     _structure(),
@@ -268,8 +262,10 @@ def _perturbed(model, key):
     st.integers(0, 2**16),
 )
 def test_adapter_file_round_trip(structure, targets, rank, dora, rslora, seed):
-    k1, k2, k3 = jr.split(jr.key(seed), 3)
-    base = _build(structure, k1)
+    # The structures traced, not run, their arrays drawn by NumPy: no compilation
+    # (see tests/helpers.py). The shapes do not depend on the key.
+    rng, key = np_rng(seed), jr.key(0)
+    base = random_arrays(eqx.filter_eval_shape(_build, structure, key), rng)
     where = tuple(
         itertools.chain.from_iterable(
             t if isinstance(t, tuple) else (t,) for t in (_TYPES[n] for n in targets)
@@ -279,17 +275,17 @@ def test_adapter_file_round_trip(structure, targets, rank, dora, rslora, seed):
     present = any(map(is_target, jtu.tree_leaves(base, is_leaf=is_target)))
     if not present:
         return  # nothing to adapt in this structure (loraify would say so)
-    model = ql.loraify(
-        base, rank=rank, key=k2, where=where, use_dora=dora, rslora=rslora
+    adapt = lambda m: ql.loraify(
+        m, rank=rank, key=key, where=where, use_dora=dora, rslora=rslora
     )
-    model = _perturbed(model, k3)
+    adapters = ql.partition(eqx.filter_eval_shape(adapt, base))[0]
+    # Every trainable array random, so a load that drops or mixes them up shows.
+    model = ql.with_adapters(base, random_arrays(adapters, rng))
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "a.safetensors")
         ql.save_adapters(path, model)
         onto_base = ql.load_adapters(path, base)
-        fresh = ql.loraify(
-            base, rank=rank, key=k3, where=where, use_dora=dora, rslora=rslora
-        )
+        fresh = ql.with_adapters(base, random_arrays(adapters, rng))
         onto_adapters = ql.load_adapters(path, fresh)
     assert eqx.tree_equal(onto_base, model)
     assert eqx.tree_equal(onto_adapters, model)

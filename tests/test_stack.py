@@ -14,7 +14,7 @@ import quax
 
 import quaxlora as ql
 
-from .helpers import nonzero_lora
+from .helpers import normal, np_rng, random_arrays
 from .test_adapters import Net, TARGETS, TOKENS
 
 
@@ -30,19 +30,24 @@ pytestmark = [
 ]
 
 
+# Models traced, not run, with their arrays drawn by NumPy: no compilation per shape
+# (see tests/helpers.py).
+
+
 def _net(key):
-    return Net(key, jnp.float64)
+    return random_arrays(eqx.filter_eval_shape(Net, jr.key(0), jnp.float64), key)
 
 
-def _trained(model, key):
-    """`model` with random non-zero factors (so every adapter matters)."""
+def _loraify(base, key, **kwargs):
+    """`ql.loraify(base, **kwargs)` with random factors `a` and (non-zero) `b`."""
+    adapt = lambda base: ql.loraify(base, key=jr.key(0), **kwargs)
+    adapters = ql.partition(eqx.filter_eval_shape(adapt, base))[0]
+    return ql.with_adapters(base, random_arrays(adapters, key))
 
-    def f(x):
-        nonlocal key
-        key, sub = jr.split(key)
-        return nonzero_lora(x, sub) if isinstance(x, ql.LoraArray) else x
 
-    return jtu.tree_map(f, model, is_leaf=lambda x: isinstance(x, ql.LoraArray))
+def _mlp(key, dtype=None):
+    make = lambda k: eqx.nn.MLP(4, 3, 8, 2, key=k, dtype=dtype)
+    return random_arrays(eqx.filter_eval_shape(make, jr.key(0)), key)
 
 
 # rank, alpha, rslora: different per adapter, so padding and scales are exercised
@@ -50,12 +55,10 @@ SETTINGS = [(2, 3.0, False), (4, None, True), (3, 7.0, False)]
 
 
 def _models(base, key):
-    keys = jr.split(key, 2 * len(SETTINGS))
+    rng = np_rng(key)
     return [
-        _trained(
-            ql.loraify(base, rank=r, alpha=al, rslora=rs, where=TARGETS, key=k1), k2
-        )
-        for (r, al, rs), k1, k2 in zip(SETTINGS, keys[::2], keys[1::2])
+        _loraify(base, rng, rank=r, alpha=al, rslora=rs, where=TARGETS)
+        for r, al, rs in SETTINGS
     ]
 
 
@@ -84,13 +87,22 @@ def test_mixed_batch_equals_each_merged_model(getkey):
     models = _models(base, getkey())
     stacked = ql.stack_adapters(models)
     ids = jnp.array([0, 1, 2, -1, 2, 0, -1, 1])
-    xs = jr.randint(getkey(), (len(ids), 5), 0, 7)
+    xs = jnp.asarray(np_rng(getkey()).integers(0, 7, (len(ids), 5)), jnp.int32)
     ys = _mixed(stacked, xs, ids)
-    for x, i, y in zip(xs, ids.tolist(), ys):
-        ref = base(x) if i == -1 else ql.merge(models[i])(x)
+
+    # Jitted, every reference in one program: one compilation rather than one per
+    # eager primitive. The indices stay static Python ints.
+    @eqx.filter_jit
+    def refs(base, models, stacked, xs):
+        out = []
+        for x, i in zip(xs, ids.tolist()):
+            ref = base(x) if i == -1 else ql.merge(models[i])(x)
+            out.append((ref, quax.quaxify(ql.select_adapter(stacked, i))(x)))
+        return out
+
+    for y, (ref, alone) in zip(ys, refs(base, models, stacked, xs)):
         np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-12)
         # a static index gives the same model
-        alone = quax.quaxify(ql.select_adapter(stacked, i))(x)
         np.testing.assert_allclose(alone, ref, rtol=1e-10, atol=1e-12)
     assert ql.select_adapter(stacked, -1).emb.weight is base.emb.weight
     assert not np.allclose(ys[0], ys[1])  # the adapters do differ
@@ -142,20 +154,29 @@ def test_gradients_go_to_each_examples_adapter(getkey):
     models = _models(base, getkey())
     stacked = ql.stack_adapters(models)
     ids = jnp.array([0, 2, 0, -1, 2])  # adapter 1 has no example
-    xs = jr.randint(getkey(), (len(ids), 5), 0, 7)
-    ys = jr.normal(getkey(), (len(ids), 2))
+    xs = jnp.asarray(np_rng(getkey()).integers(0, 7, (len(ids), 5)), jnp.int32)
+    ys = normal(getkey(), (len(ids), 2))
     trainable, frozen = ql.partition(stacked)
     grads = eqx.filter_jit(jax.grad(_loss))(trainable, frozen, xs, ids, ys)
     per_adapter = ql.unstack_adapters(grads)  # checks the padding's gradient is 0
-    for i, model in enumerate(models):
-        t, f = ql.partition(model)
 
-        def own(t):
-            m = quax.quaxify(eqx.combine(t, f))
-            mask = (ids == i).astype(ys.dtype)[:, None]
-            return jnp.sum(jnp.tanh(jax.vmap(m)(xs)) * ys * mask)
+    # Jitted, each model's own gradient in one program: one compilation rather than
+    # hundreds of eager primitives.
+    @eqx.filter_jit
+    def wants(models, xs, ids, ys):
+        out = []
+        for i, model in enumerate(models):
+            t, f = ql.partition(model)
 
-        want = jax.grad(own)(t)
+            def own(t):
+                m = quax.quaxify(eqx.combine(t, f))
+                mask = (ids == i).astype(ys.dtype)[:, None]
+                return jnp.sum(jnp.tanh(jax.vmap(m)(xs)) * ys * mask)
+
+            out.append(jax.grad(own)(t))
+        return out
+
+    for i, (model, want) in enumerate(zip(models, wants(models, xs, ids, ys))):
         got = eqx.filter(per_adapter[i], ql.trainable_spec(model))
         for g, w in zip(jtu.tree_leaves(got), jtu.tree_leaves(want)):
             np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12)
@@ -203,9 +224,9 @@ def test_two_tasks_train_in_one_loop(getkey):
 
 
 def test_hot_swap_does_not_recompile(getkey):
-    base = eqx.nn.MLP(4, 3, 8, 2, key=getkey())
-    models = [_trained(ql.loraify(base, rank=2, key=getkey()), getkey()) for _ in "ab"]
-    new = _trained(ql.loraify(base, rank=2, key=getkey()), getkey())
+    base = _mlp(getkey())
+    models = [_loraify(base, getkey(), rank=2) for _ in "ab"]
+    new = _loraify(base, getkey(), rank=2)
     traces = 0
 
     @eqx.filter_jit
@@ -214,7 +235,7 @@ def test_hot_swap_does_not_recompile(getkey):
         traces += 1
         return _mixed_raw(model, xs, ids)
 
-    xs, ids = jr.normal(getkey(), (4, 4)), jnp.array([0, 1, 1, 0])
+    xs, ids = normal(getkey(), (4, 4)), jnp.array([0, 1, 1, 0])
     step(ql.stack_adapters(models), xs, ids)
     # restack with adapter 1 replaced, or replace its factors in place
     swapped = ql.stack_adapters([models[0], new])
@@ -244,7 +265,7 @@ def test_hot_swap_does_not_recompile(getkey):
     np.testing.assert_allclose(y, ql.merge(new)(xs[0]), rtol=1e-10)
     # a different alpha is static metadata: one new compilation
     traces = 0
-    other = ql.loraify(base, rank=2, alpha=5.0, key=getkey())
+    other = _loraify(base, getkey(), rank=2, alpha=5.0)
     step(ql.stack_adapters([models[0], other]), xs, ids)
     assert traces == 1
 
@@ -392,15 +413,20 @@ def test_save_and_load_stacked(getkey, tmp_path):
 
 
 def test_low_precision_strict_promotion(getkey):
-    base = eqx.nn.MLP(4, 3, 8, 2, key=getkey(), dtype=jnp.bfloat16)
-    loras = [ql.loraify(base, rank=r, key=getkey()) for r in (2, 3)]
-    models = [_trained(m, getkey()) for m in loras]
-    xs = jr.normal(getkey(), (4, 4), jnp.bfloat16)
+    base = _mlp(getkey(), jnp.bfloat16)
+    models = [_loraify(base, getkey(), rank=r) for r in (2, 3)]
+    xs = normal(getkey(), (4, 4), jnp.bfloat16)
     ids = jnp.array([1, 0, -1, 1])
     ys = _mixed(ql.stack_adapters(models), xs, ids)
     assert ys.dtype == jnp.bfloat16
-    for x, i, y in zip(xs, ids.tolist(), ys):
-        ref = base(x) if i == -1 else ql.merge(models[i])(x)
+    # Jitted, every reference in one program (one compilation).
+    refs = eqx.filter_jit(
+        lambda base, models, xs: [
+            base(x) if i == -1 else ql.merge(models[i])(x)
+            for x, i in zip(xs, ids.tolist())
+        ]
+    )(base, models, xs)
+    for y, ref in zip(ys, refs):
         np.testing.assert_allclose(
             y.astype(jnp.float32), ref.astype(jnp.float32), rtol=5e-2, atol=5e-2
         )
