@@ -19,7 +19,9 @@ import jax
 import jax.random as jr
 from jax.interpreters import mlir
 
-from benchmarks.run import build, Config, gpt_task, mlp_task, Variant
+from benchmarks.models import Config, gpt_task, mlp_task
+from benchmarks.run import build
+from benchmarks.timing import Variant
 from quaxlora._rules import _contract
 
 
@@ -32,13 +34,13 @@ def _lowering(pinned: bool):
 def main(which: str = "mlp", rounds: int = 21):
     cfg = Config()
     task = (mlp_task if which == "mlp" else gpt_task)(cfg, jr.key(0))
-    b = build(task, cfg, jr.key(1))
+    b = build(task, jr.key(1), extras=False).train
     steps = {"full": b["full"], "floor": b["floor"]}
     for name, pinned in (("lora, XLA's folding", False), ("lora", True)):
         _lowering(pinned)
         jax.clear_caches()  # a fresh trace and lowering
-        fn = b["ql"].fn
-        steps[name] = Variant(lambda *a, _f=fn: _f(*a), b["ql"].args, (0, 1), 2)
+        v = b["quaxlora"]
+        steps[name] = Variant(v.make, v.args, v.donate, v.stateful)
         steps[name].compile()
     _lowering(True)
     steps["full"].compile()
