@@ -67,19 +67,28 @@ def _nan_equal(x, y, tol):
     assert np.allclose(np.nan_to_num(x), np.nan_to_num(y), **tol), (x, y)
 
 
+def _dense(out):
+    return out.merged() if isinstance(out, ql.LoraArray) else out
+
+
+# The jitted checks of every lookup, with their dense references, as one program:
+# compiled once per dtype (or `stop_gradient`) and shared by the parametrised cases,
+# each of which calls it with its own table and reads its own lookup's entry.
+
+
+@jax.jit
+def _jitted_values(lora):
+    dense = lora.merged()
+    return {n: (_dense(quax.quaxify(f)(lora)), f(dense)) for n, f in LOOKUPS.items()}
+
+
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("name", list(LOOKUPS))
 def test_values(name, dtype, getkey):
     lora = _table(getkey(), dtype)
-    f = LOOKUPS[name]
-
-    def merged(out):
-        return out.merged() if isinstance(out, ql.LoraArray) else out
-
-    # The jitted lookup and the dense reference in one program; the eager lookup
-    # on its own (slices keep the LoRA form, merged here to compare).
-    got_jit, want = jax.jit(lambda l: (merged(quax.quaxify(f)(l)), f(l.merged())))(lora)
-    got = quax.quaxify(f)(lora)
+    got_jit, want = _jitted_values(lora)[name]
+    # And eagerly (slices keep the LoRA form, merged here to compare).
+    got = quax.quaxify(LOOKUPS[name])(lora)
     if isinstance(got, ql.LoraArray):
         got = _merged(got)
     for out in (got, got_jit):
@@ -101,21 +110,28 @@ def test_never_the_whole_table(name, getkey):
             assert v.aval.size < VOCAB * DIM, (name, eqn)
 
 
+def _loss(out):
+    return jnp.sum(jnp.nan_to_num(jnp.sin(_dense(out))))
+
+
+def _gradients(f):
+    """The gradient through the LoRA lookup, and its dense reference."""
+    grad = eqx.filter_grad(lambda l: _loss(quax.quaxify(f)(l)))
+    dense_grad = eqx.filter_grad(lambda l: _loss(f(l.merged())))
+    return grad, dense_grad
+
+
+@eqx.filter_jit
+def _jitted_gradients(lora):  # as `_jitted_values`
+    return {n: tuple(g(lora) for g in _gradients(f)) for n, f in LOOKUPS.items()}
+
+
 @pytest.mark.parametrize("stop_gradient", [True, False])
 @pytest.mark.parametrize("name", list(LOOKUPS))
 def test_gradients(name, stop_gradient, getkey):
     lora = _table(getkey(), stop_gradient=stop_gradient)
-    f = LOOKUPS[name]
-
-    def loss(out):
-        out = out.merged() if isinstance(out, ql.LoraArray) else out
-        return jnp.sum(jnp.nan_to_num(jnp.sin(out)))
-
-    grad = eqx.filter_grad(lambda l: loss(quax.quaxify(f)(l)))
-    dense_grad = eqx.filter_grad(lambda l: loss(f(l.merged())))
-    # The jitted gradient and the dense reference in one program; and eagerly.
-    got_jit, want = eqx.filter_jit(lambda l: (grad(l), dense_grad(l)))(lora)
-    got = grad(lora)
+    got_jit, want = _jitted_gradients(lora)[name]
+    got = _gradients(LOOKUPS[name])[0](lora)  # and eagerly
     assert_tree_allclose(got, want, **TOLS[jnp.dtype(jnp.float64)])
     assert_tree_allclose(got_jit, want, **TOLS[jnp.dtype(jnp.float64)])
 
