@@ -21,8 +21,11 @@ def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8) -> bool:
         if eqx.is_array(a):
             if a.shape != b.shape or a.dtype != b.dtype:
                 return False
-            a32 = np.asarray(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a)
-            b32 = np.asarray(b.astype(jnp.float32) if b.dtype == jnp.bfloat16 else b)
+            # Converted on the host (an eager `astype` compiles per shape).
+            a32 = np.asarray(a)
+            b32 = np.asarray(b)
+            if a.dtype == jnp.bfloat16:
+                a32, b32 = a32.astype(np.float32), b32.astype(np.float32)
             if not np.allclose(a32, b32, rtol=rtol, atol=atol):
                 return False
         elif a != b:

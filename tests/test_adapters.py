@@ -12,32 +12,53 @@ import quax
 
 import quaxlora as ql
 
-from .helpers import nonzero_lora
+from .helpers import device, normal, np_rng, random_arrays
+
+
+# Random data drawn by NumPy (tests/helpers.py): an eager `jr.normal` of each new shape
+# and dtype would compile its own program.
 
 
 def _trained(model, key, scale=0.5):
     """`model` with random `b` factors (so the adapters matter) and trained arrays."""
+    rng = np_rng(key)
 
     def f(x):
-        nonlocal key
-        key, sub = jr.split(key)
         if isinstance(x, ql.LoraArray):
-            return nonzero_lora(x, sub, scale)
+            b = normal(rng, x.b.shape, x.b.dtype, scale)
+            return eqx.tree_at(lambda l: l.b, x, b)
         if isinstance(x, ql.Trainable):
-            return ql.Trainable(x.array + scale * jr.normal(sub, x.shape, x.dtype))
+            noise = scale * rng.standard_normal(x.shape)
+            trained = np.asarray(x.array, np.float64) + noise
+            return ql.Trainable(device(trained, x.dtype))
         return x
 
     is_leaf = lambda x: isinstance(x, (ql.LoraArray, ql.Trainable))
     return jtu.tree_map(f, model, is_leaf=is_leaf)
 
 
-def _mlp(key, dtype=jnp.float32):
-    mlp = eqx.nn.MLP(4, 3, 8, 2, key=key)
-    return jtu.tree_map(lambda x: x.astype(dtype) if eqx.is_array(x) else x, mlp)
+def _mlp(key, dtype=jnp.float32, width=8):
+    """`eqx.nn.MLP(4, 3, width, 2)` in `dtype`, its arrays drawn by NumPy."""
+    shapes = eqx.filter_eval_shape(eqx.nn.MLP, 4, 3, width, 2, key=key)
+    cast = lambda x: (
+        jax.ShapeDtypeStruct(x.shape, dtype)
+        if isinstance(x, jax.ShapeDtypeStruct)
+        else x
+    )
+    shapes = jtu.tree_map(cast, shapes)
+    return random_arrays(shapes, key)
 
 
+# Each forward pass as one compiled program (cached by the model's structure), not
+# its dozens of eager ops.
+@eqx.filter_jit
 def _run(model, x):
     return quax.quaxify(model)(x)
+
+
+@eqx.filter_jit
+def _call(model, x):  # a plain (merged, or base) model
+    return model(x)
 
 
 class Net(eqx.Module):
@@ -56,6 +77,11 @@ class Net(eqx.Module):
             jr.split(k[2], 2)
         )
         self.head = eqx.nn.Linear(4, 2, key=k[3], dtype=dtype)
+
+    @classmethod
+    def random(cls, key, dtype=jnp.float32):
+        """A `Net` with its arrays drawn by NumPy (no compilation)."""
+        return random_arrays(eqx.filter_eval_shape(cls, key, dtype), key)
 
     def __call__(self, tokens):
         h = jax.vmap(self.emb)(tokens).T  # (channels, length)
@@ -80,7 +106,7 @@ def test_adapters_hold_no_frozen_weight(getkey):
 
 
 def test_with_adapters_rebuilds(getkey):
-    base = Net(getkey())
+    base = Net.random(getkey())
     model = _trained(
         ql.loraify(
             base, rank=2, key=getkey(), where=TARGETS[:3], modules_to_save="head"
@@ -101,7 +127,7 @@ def test_switch_and_disable(getkey, tmp_path):
     )
     ql.save_adapters(tmp_path / "a.safetensors", model_a)
     ql.save_adapters(tmp_path / "b.safetensors", model_b)
-    ya, yb, y0 = _run(model_a, x), _run(model_b, x), base(x)
+    ya, yb, y0 = _run(model_a, x), _run(model_b, x), _call(base, x)
     assert not np.allclose(ya, yb) and not np.allclose(ya, y0)
     # Two files onto one base.
     on_a = ql.load_adapters(tmp_path / "a.safetensors", base)
@@ -123,7 +149,7 @@ def test_with_adapters_errors(getkey):
     model = ql.loraify(base, rank=2, key=getkey())
     with pytest.raises(ValueError, match="`layers.0.weight`, which `model` does not"):
         ql.with_adapters({"mlp": base}, ql.partition(model)[0])
-    other = eqx.nn.MLP(4, 3, 9, 2, key=getkey())
+    other = _mlp(getkey(), width=9)
     with pytest.raises(ValueError, match="`adapters` at `layers.0.weight` do not fit"):
         ql.with_adapters(other, ql.partition(model)[0])
     saved = ql.loraify(base, rank=2, key=getkey(), modules_to_save="layers.2")
@@ -140,7 +166,7 @@ def _dense_delta(lora):
 
 @pytest.mark.parametrize("weights", [[1.0, 1.0], [0.7, -0.3], [1.0, 0.0]])
 def test_combine_adapters(getkey, weights):
-    base = Net(getkey())
+    base = Net.random(getkey())
     m1 = _trained(ql.loraify(base, rank=2, key=getkey(), where=TARGETS), getkey())
     m2 = _trained(
         ql.loraify(base, rank=3, alpha=6.0, rslora=True, key=getkey(), where=TARGETS),
@@ -154,7 +180,9 @@ def test_combine_adapters(getkey, weights):
         np.testing.assert_allclose(_dense_delta(lc), want, rtol=1e-5, atol=1e-6)
         assert lc.weight is l1.weight
     want = ql.merge(both)
-    np.testing.assert_allclose(_run(both, TOKENS), want(TOKENS), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        _run(both, TOKENS), _call(want, TOKENS), rtol=1e-5, atol=1e-6
+    )
     if weights == [1.0, 0.0]:
         np.testing.assert_allclose(
             _run(both, TOKENS), _run(m1, TOKENS), rtol=1e-5, atol=1e-6
@@ -189,7 +217,7 @@ def test_combine_errors(getkey):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_merge_all_target_kinds(getkey, dtype):
-    base = Net(getkey(), dtype)
+    base = Net.random(getkey(), dtype)
     model = _trained(ql.loraify(base, rank=2, key=getkey(), where=TARGETS), getkey())
     merged = ql.merge(model)
     assert not any(isinstance(x, quax.Value) for x in jtu.tree_leaves(merged))
@@ -197,7 +225,7 @@ def test_merge_all_target_kinds(getkey, dtype):
         assert (x.shape, x.dtype) == (y.shape, y.dtype)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(atol=5e-2)
     np.testing.assert_allclose(
-        np.asarray(merged(TOKENS), np.float32),
+        np.asarray(_call(merged, TOKENS), np.float32),
         np.asarray(_run(model, TOKENS), np.float32),
         **tol,
     )
@@ -209,7 +237,7 @@ def test_merge_all_target_kinds(getkey, dtype):
 )
 @pytest.mark.parametrize("scale", [0.5, 30.0])
 def test_unmerge_error_bound(getkey, dtype, scale):
-    base = Net(getkey(), dtype)
+    base = Net.random(getkey(), dtype)
     model = _trained(
         ql.loraify(base, rank=2, key=getkey(), where=TARGETS), getkey(), scale
     )
@@ -228,9 +256,7 @@ def test_unmerge_error_bound(getkey, dtype, scale):
 
 def test_unmerge_errors(getkey):
     model = ql.loraify(_mlp(getkey()), rank=2, key=getkey())
-    other = ql.merge(
-        ql.loraify(eqx.nn.MLP(4, 3, 9, 2, key=getkey()), rank=2, key=getkey())
-    )
+    other = ql.merge(ql.loraify(_mlp(getkey(), width=9), rank=2, key=getkey()))
     with pytest.raises(ValueError, match="no weight of the adapter's shape at `layers"):
         ql.unmerge(other, model)
 

@@ -5,12 +5,13 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 import pytest
 import quax
 
 import quaxlora as ql
 
-from .helpers import assert_tree_allclose
+from .helpers import assert_tree_allclose, normal, np_rng, random_arrays
 
 
 # Reference comparisons: float64 at the highest matmul precision, so the
@@ -18,13 +19,18 @@ from .helpers import assert_tree_allclose
 pytestmark = pytest.mark.x64
 
 
+# Random data drawn by NumPy (tests/helpers.py): an eager `jr.normal` of each new shape
+# and dtype would compile its own program.
+
+
 def _trained(model, key, scale=0.3):
     """Give every `b` random values, as after some training."""
+    rng = np_rng(key)
 
     def perturb(x):
         if isinstance(x, ql.LoraArray):
             return eqx.tree_at(
-                lambda l: l.b, x, scale * jr.normal(key, x.b.shape, x.b.dtype)
+                lambda l: l.b, x, normal(rng, x.b.shape, x.b.dtype, scale)
             )
         return x
 
@@ -33,11 +39,18 @@ def _trained(model, key, scale=0.3):
     )
 
 
+def _random(cls, *args, key, **kwargs):
+    """`cls(*args, **kwargs, key=key)` with its arrays drawn by NumPy."""
+    return random_arrays(eqx.filter_eval_shape(cls, *args, **kwargs, key=key), key)
+
+
 @pytest.fixture
 def mlp_pair(getkey):
-    mlp = eqx.nn.MLP(5, 3, 16, 2, activation=jnp.tanh, key=getkey(), dtype=jnp.float64)
+    mlp = _random(
+        eqx.nn.MLP, 5, 3, 16, 2, activation=jnp.tanh, key=getkey(), dtype=jnp.float64
+    )
     lora = _trained(ql.loraify(mlp, rank=4, alpha=8.0, key=getkey()), getkey())
-    return lora, ql.merge(lora)
+    return lora, eqx.filter_jit(ql.merge)(lora)  # the reference, as one program
 
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -45,15 +58,17 @@ TOL = dict(rtol=1e-10, atol=1e-10)
 
 def test_call_jit_vmap(mlp_pair, getkey):
     lora, dense = mlp_pair
-    x = jr.normal(getkey(), (7, 5), jnp.float64)
-    assert_tree_allclose(quax.quaxify(lora)(x[0]), dense(x[0]), **TOL)
-    assert_tree_allclose(eqx.filter_jit(quax.quaxify(lora))(x[0]), dense(x[0]), **TOL)
+    x = normal(getkey(), (7, 5), jnp.float64)
+    # The dense reference, as one program.
+    want = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))(dense, x)
+    assert_tree_allclose(quax.quaxify(lora)(x[0]), want[0], **TOL)
+    assert_tree_allclose(eqx.filter_jit(quax.quaxify(lora))(x[0]), want[0], **TOL)
     call = eqx.filter_jit(lambda m, x: m(x))
-    assert_tree_allclose(quax.quaxify(call)(lora, x[0]), dense(x[0]), **TOL)
+    assert_tree_allclose(quax.quaxify(call)(lora, x[0]), want[0], **TOL)
     vmapped = jax.vmap(quax.quaxify(lora))(x)
-    assert_tree_allclose(vmapped, jax.vmap(dense)(x), **TOL)
+    assert_tree_allclose(vmapped, want, **TOL)
     vcall = jax.vmap(lambda m, x: m(x), in_axes=(None, 0))
-    assert_tree_allclose(quax.quaxify(vcall)(lora, x), jax.vmap(dense)(x), **TOL)
+    assert_tree_allclose(quax.quaxify(vcall)(lora, x), want, **TOL)
 
 
 def _loss(model, x):
@@ -62,7 +77,7 @@ def _loss(model, x):
 
 def test_grad_inside_and_outside(mlp_pair, getkey):
     lora, dense = mlp_pair
-    x = jr.normal(getkey(), (7, 5), jnp.float64)
+    x = normal(getkey(), (7, 5), jnp.float64)
     trainable, frozen = ql.partition(lora)
 
     def loss(t, f, x):
@@ -72,24 +87,26 @@ def test_grad_inside_and_outside(mlp_pair, getkey):
     def loss_ref(t, f, x):
         return _loss(ql.merge(eqx.combine(t, f)), x)
 
+    # The jitted gradient and the references (below too) in one program.
+    grads = lambda *a: (eqx.filter_grad(loss)(*a), eqx.filter_grad(loss_ref)(*a))
+    g_jit, g_ref = eqx.filter_jit(grads)(trainable, frozen, x)
     g = eqx.filter_grad(loss)(trainable, frozen, x)
-    g_ref = eqx.filter_grad(loss_ref)(trainable, frozen, x)
     assert_tree_allclose(g, g_ref, **TOL)
-    g_jit = eqx.filter_jit(eqx.filter_grad(loss))(trainable, frozen, x)
     assert_tree_allclose(g_jit, g_ref, **TOL)
     # quaxify outside grad: the gradient with respect to the input x.
+    gx_ref = eqx.filter_jit(jax.grad(_loss, argnums=1))(dense, x)
     gx = quax.quaxify(jax.grad(_loss, argnums=1))(lora, x)
-    assert_tree_allclose(gx, jax.grad(_loss, argnums=1)(dense, x), **TOL)
+    assert_tree_allclose(gx, gx_ref, **TOL)
     gx = quax.quaxify(eqx.filter_jit(jax.grad(_loss, argnums=1)))(lora, x)
-    assert_tree_allclose(gx, jax.grad(_loss, argnums=1)(dense, x), **TOL)
+    assert_tree_allclose(gx, gx_ref, **TOL)
 
 
 def test_grad_of_lora_as_array(getkey):
     # quaxify outside grad, differentiating with respect to the LoraArray itself:
     # the gradient of the effective weight, as for the dense weight.
-    w = jr.normal(getkey(), (4, 3))
+    w = normal(getkey(), (4, 3))
     lora = _trained(ql.LoraArray(w, rank=2, key=getkey()), getkey())
-    x = jr.normal(getkey(), (5, 3))
+    x = normal(getkey(), (5, 3))
     f = lambda w, x: jnp.sum(jnp.sin(x @ w.T))
     g = quax.quaxify(jax.grad(f))(lora, x)
     assert_tree_allclose(g, jax.grad(f)(lora.merged(), x), **TOL)
@@ -97,7 +114,7 @@ def test_grad_of_lora_as_array(getkey):
 
 def test_cond(mlp_pair, getkey):
     lora, dense = mlp_pair
-    x = jr.normal(getkey(), (5,), jnp.float64)
+    x = normal(getkey(), (5,), jnp.float64)
 
     def f(m, x, p):
         return lax.cond(p, lambda x: m(x), lambda x: -m(x), x)
@@ -107,19 +124,22 @@ def test_cond(mlp_pair, getkey):
     g = jax.grad(lambda t, f_, x: jnp.sum(quax.quaxify(f)(eqx.combine(t, f_), x, True)))
     trainable, frozen = ql.partition(lora)
     g_ref = jax.grad(lambda t, f_, x: jnp.sum(f(ql.merge(eqx.combine(t, f_)), x, True)))
+    g_ref = eqx.filter_jit(g_ref)  # the reference as one program
     assert_tree_allclose(g(trainable, frozen, x), g_ref(trainable, frozen, x), **TOL)
 
 
 def test_checkpoint(mlp_pair, getkey):
     lora, dense = mlp_pair
-    x = jr.normal(getkey(), (5,), jnp.float64)
+    x = normal(getkey(), (5,), jnp.float64)
     f = eqx.filter_checkpoint(lambda m, x: m(x))
     assert_tree_allclose(quax.quaxify(f)(lora, x), dense(x), **TOL)
     trainable, frozen = ql.partition(lora)
     g = jax.grad(lambda t: jnp.sum(quax.quaxify(f)(eqx.combine(t, frozen), x)))(
         trainable
     )
-    g_ref = jax.grad(lambda t: jnp.sum(ql.merge(eqx.combine(t, frozen))(x)))(trainable)
+    g_ref = eqx.filter_jit(  # the reference as one program
+        jax.grad(lambda t: jnp.sum(ql.merge(eqx.combine(t, frozen))(x)))
+    )(trainable)
     assert_tree_allclose(g, g_ref, **TOL)
 
 
@@ -136,6 +156,12 @@ class Block(eqx.Module):
         return x + self.lin2(jax.nn.gelu(self.lin1(x)))
 
 
+def _stack(key, n):
+    """`n` stacked `Block`s (`filter_vmap` of the constructor), drawn by NumPy."""
+    build = lambda key: eqx.filter_vmap(Block)(jr.split(key, n))
+    return random_arrays(eqx.filter_eval_shape(build, key), key)
+
+
 def _run_stack(blocks, x):
     dynamic, static = eqx.partition(blocks, eqx.is_array)
 
@@ -147,51 +173,68 @@ def _run_stack(blocks, x):
 
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_scan_over_stacked_layers(getkey, checkpoint):
-    blocks = eqx.filter_vmap(Block)(jr.split(getkey(), 4))
+    blocks = _stack(getkey(), 4)
     lora = _trained(ql.loraify(blocks, rank=2, key=getkey()), getkey())
     assert lora.lin1.weight.a.shape == (4, 2, 6)
     assert lora.lin1.weight.b.shape == (4, 12, 2)
-    dense = ql.merge(lora)
-    x = jr.normal(getkey(), (3, 6), jnp.float64)
+    x = normal(getkey(), (3, 6), jnp.float64)
     run = eqx.filter_checkpoint(_run_stack) if checkpoint else _run_stack
     f = lambda m, x: jax.vmap(lambda xi: run(m, xi))(x)
-    assert_tree_allclose(quax.quaxify(f)(lora, x), f(dense, x), **TOL)
-    assert_tree_allclose(eqx.filter_jit(quax.quaxify(f))(lora, x), f(dense, x), **TOL)
     trainable, frozen = ql.partition(lora)
     loss = lambda t, x: jnp.sum(quax.quaxify(f)(eqx.combine(t, frozen), x) ** 2)
     loss_ref = lambda t, x: jnp.sum(f(ql.merge(eqx.combine(t, frozen)), x) ** 2)
-    g = eqx.filter_jit(eqx.filter_grad(loss))(trainable, x)
-    assert_tree_allclose(g, eqx.filter_grad(loss_ref)(trainable, x), **TOL)
+
+    # The jitted forward pass and gradient and the references in one program.
+    @eqx.filter_jit
+    def jitted(lora, trainable, x):
+        grads = (
+            eqx.filter_grad(loss)(trainable, x),
+            eqx.filter_grad(loss_ref)(trainable, x),
+        )
+        return quax.quaxify(f)(lora, x), f(ql.merge(lora), x), grads
+
+    out_jit, want, (g, g_ref) = jitted(lora, trainable, x)
+    assert_tree_allclose(quax.quaxify(f)(lora, x), want, **TOL)
+    assert_tree_allclose(out_jit, want, **TOL)
+    assert_tree_allclose(g, g_ref, **TOL)
 
 
 def test_vmap_over_stacked_lora(getkey):
     # vmap over the stack axis itself, with quaxify outside and inside the vmap.
-    blocks = eqx.filter_vmap(Block)(jr.split(getkey(), 3))
+    blocks = _stack(getkey(), 3)
     lora = _trained(ql.loraify(blocks, rank=2, key=getkey()), getkey())
-    dense = ql.merge(lora)
-    x = jr.normal(getkey(), (3, 6), jnp.float64)
+    x = normal(getkey(), (3, 6), jnp.float64)
     f = eqx.filter_vmap(lambda m, x: m(x))
-    assert_tree_allclose(quax.quaxify(f)(lora, x), f(dense, x), **TOL)
+    want = eqx.filter_jit(lambda l, x: f(ql.merge(l), x))(lora, x)  # one program
+    assert_tree_allclose(quax.quaxify(f)(lora, x), want, **TOL)
     g = eqx.filter_vmap(lambda m, x: quax.quaxify(m)(x))
-    assert_tree_allclose(g(lora, x), f(dense, x), **TOL)
+    assert_tree_allclose(g(lora, x), want, **TOL)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_low_precision_model(getkey, dtype):
-    mlp = eqx.nn.MLP(5, 3, 16, 2, key=getkey(), dtype=dtype)
+    mlp = _random(eqx.nn.MLP, 5, 3, 16, 2, key=getkey(), dtype=dtype)
     lora = _trained(ql.loraify(mlp, rank=4, alpha=6.0, key=getkey()), getkey())
-    x = jr.normal(getkey(), (5,), dtype)
+    x = normal(getkey(), (5,), dtype)
     out = eqx.filter_jit(quax.quaxify(lora))(x)
     assert out.dtype == dtype
-    # Against the dense model in float32, so only the low-precision rounding differs.
-    f32 = jax.tree.map(
-        lambda v: v.astype(jnp.float32) if eqx.is_inexact_array(v) else v,
-        ql.merge(lora),
-    )
-    ref = f32(x.astype(jnp.float32))
-    assert not jnp.allclose(ref, mlp(x).astype(jnp.float32), atol=0.1)
+
+    # Against the dense model in float32, so only the low-precision rounding differs;
+    # the references in one program.
+    @eqx.filter_jit
+    def refs(lora, mlp, x):
+        f32 = jax.tree.map(
+            lambda v: v.astype(jnp.float32) if eqx.is_inexact_array(v) else v,
+            ql.merge(lora),
+        )
+        return f32(x.astype(jnp.float32)), mlp(x).astype(jnp.float32)
+
+    ref, base = refs(lora, mlp, x)
+    assert not np.allclose(ref, base, atol=0.1)
     tol = 1e-5 if dtype == jnp.float32 else 5e-2
-    assert_tree_allclose(out.astype(jnp.float32), ref, rtol=tol, atol=tol)
+    assert_tree_allclose(
+        np.asarray(out, np.float32), np.asarray(ref), rtol=tol, atol=tol
+    )
 
 
 def _count_quax_retraces(monkeypatch):
@@ -213,9 +256,9 @@ def _count_quax_retraces(monkeypatch):
 def test_jit_on_plain_arrays_is_not_retraced(getkey, monkeypatch):
     # A jitted function that receives only plain arrays cannot meet a LoraArray:
     # quaxlora binds it as it is instead of letting quax re-trace it.
-    lora = ql.LoraArray(jr.normal(getkey(), (5, 4)), rank=2, key=getkey())
-    lora = eqx.tree_at(lambda l: l.b, lora, jr.normal(getkey(), lora.b.shape))
-    x = jr.normal(getkey(), (4,))
+    lora = ql.LoraArray(normal(getkey(), (5, 4)), rank=2, key=getkey())
+    lora = eqx.tree_at(lambda l: l.b, lora, normal(getkey(), lora.b.shape))
+    x = normal(getkey(), (4,))
     plain = jax.jit(lambda y: jnp.tanh(y) * 2)
     calls = _count_quax_retraces(monkeypatch)
     out = jax.jit(quax.quaxify(lambda w, x: plain(w @ x)))(lora, x)
