@@ -4,6 +4,12 @@ An MLP and a GPT-style transformer (unrolled or scan-stacked), plain Equinox mod
 written for single examples (the batch is `jax.vmap`); and the pretrained
 all-MiniLM-L6-v2 of `examples/bert/`, with that example's batch, loss and targets.
 A `Task` holds a model with one batch, its loss and where LoRA goes.
+
+The GPT applies its `eqx.nn.Linear` and `eqx.nn.LayerNorm` layers to the whole
+sequence at once (`linear`, `layer_norm` below), as `examples/bert/minilm.py` does:
+`jax.vmap(linear)` over the tokens lowers to `weight @ x` batched over the tokens,
+which XLA:CPU transposes back, forward and backward (on this GPT the frozen floor
+took 1.26x as long; docs/benchmarks.md has the measurement).
 """
 
 import dataclasses
@@ -86,6 +92,22 @@ class MLP(eqx.Module):
         return self.layers[-1](x)
 
 
+def linear(layer: eqx.nn.Linear, x):
+    """`jax.vmap(layer)(x)` as one product over the sequence: `x @ weight.T + bias`.
+    Written with `lax.dot_general` against the weight, so a `LoraArray` weight
+    dispatches to its factored product under `quax.quaxify`."""
+    y = lax.dot_general(x, layer.weight, (((x.ndim - 1,), (1,)), ((), ())))
+    return y if layer.bias is None else y + layer.bias
+
+
+def layer_norm(norm: eqx.nn.LayerNorm, x):
+    """`jax.vmap(norm)(x)` over the last axis, as `eqx.nn.LayerNorm` computes it."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    variance = jnp.maximum(0.0, jnp.var(x, axis=-1, keepdims=True))
+    out = (x - mean) * lax.rsqrt(variance + norm.eps)
+    return norm.weight * out + norm.bias
+
+
 class Block(eqx.Module):
     ln1: eqx.nn.LayerNorm
     ln2: eqx.nn.LayerNorm
@@ -113,18 +135,17 @@ class Block(eqx.Module):
         # x has shape (seq, d)
         seq, d = x.shape
         dh = d // self.heads
-        h = jax.vmap(self.ln1)(x)
+        h = layer_norm(self.ln1, x)
         q, k, v = (
-            jax.vmap(f)(h).reshape(seq, self.heads, dh)
-            for f in (self.q, self.k, self.v)
+            linear(f, h).reshape(seq, self.heads, dh) for f in (self.q, self.k, self.v)
         )
         logits = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(dh)
         mask = jnp.tril(jnp.ones((seq, seq), bool))
         attn = jax.nn.softmax(jnp.where(mask, logits, -1e9), axis=-1)
         z = jnp.einsum("hqk,khd->qhd", attn, v).reshape(seq, d)
-        x = x + jax.vmap(self.o)(z)
-        h = jax.vmap(self.ln2)(x)
-        return x + jax.vmap(self.fc2)(jax.nn.gelu(jax.vmap(self.fc1)(h)))
+        x = x + linear(self.o, z)
+        h = layer_norm(self.ln2, x)
+        return x + linear(self.fc2, jax.nn.gelu(linear(self.fc1, h)))
 
 
 class GPT(eqx.Module):
@@ -158,7 +179,7 @@ class GPT(eqx.Module):
         else:
             for block in self.blocks:
                 x = block(x)
-        return jax.vmap(self.head)(jax.vmap(self.ln)(x))
+        return linear(self.head, layer_norm(self.ln, x))
 
 
 class Task(NamedTuple):

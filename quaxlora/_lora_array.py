@@ -300,6 +300,16 @@ class LoraArray(quax.ArrayValue):
     def aval(self) -> jax.core.ShapedArray:
         return jax.core.ShapedArray(self.weight.shape, self.weight.dtype)
 
+    def __getattribute__(self, name: str, /) -> Any:
+        # Plain attribute access. `eqx.Module.__getattribute__` checks every access
+        # and wraps each bound method in a new `BoundMethod` module, so that
+        # `jax.jit(module.method)` sees the module as a pytree argument. The rules
+        # read a `LoraArray`'s fields many times per traced product (a quarter of
+        # the Python calls that quaxify added to the benchmark GPT's trace), and
+        # nothing passes its methods to `jax.jit`. (quax does the same for its
+        # own dense values.)
+        return object.__getattribute__(self, name)
+
     @property
     def use_dora(self) -> bool:
         """Whether this is a DoRA array (it has a `magnitude`)."""

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import equinox as eqx
@@ -181,6 +182,27 @@ def test_pytree_and_static(getkey):
     # Under jit the static fields are part of the cache key, not traced.
     f = eqx.filter_jit(lambda l: l.scaling * l.a)
     np.testing.assert_allclose(f(lora), lora.scaling * lora.a)
+
+
+def test_methods_and_properties_of_an_instance(getkey):
+    # `LoraArray` reads its attributes without `eqx.Module`'s bound-method wrapping
+    # (for trace time); its methods and properties must still work as usual,
+    # eagerly and as functions handed to `jit`.
+    w = jr.normal(getkey(), (4, 3))
+    lora = ql.LoraArray(w, rank=2, alpha=4.0, allow_materialise=True, key=getkey())
+    lora = nonzero_lora(lora, getkey())
+    expect = lora.weight + 2.0 * lora.b @ lora.a
+    np.testing.assert_allclose(lora.merged(), expect, rtol=1e-6)
+    np.testing.assert_allclose(lora.materialise(), expect, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(lora.merged)(), expect, rtol=1e-6)
+    np.testing.assert_allclose(
+        eqx.filter_jit(lora.delta)(), expect - lora.weight, rtol=1e-6, atol=1e-7
+    )
+    assert lora.scaling == 2.0 and lora.batch_ndim == 0 and not lora.use_dora
+    assert lora.aval() == jax.core.ShapedArray((4, 3), lora.weight.dtype)
+    # Fields stay frozen.
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        lora.rank = 3  # pyright: ignore[reportAttributeAccessIssue]
 
 
 @pytest.mark.x64
