@@ -5,6 +5,7 @@ import equinox as eqx
 import jax
 
 import quaxlora as ql
+from quaxlora._rules._factored import FUSE_MAX_COPY
 
 
 def linear_shapes(lora_model) -> list[tuple[int, int, bool]]:
@@ -23,7 +24,9 @@ def analytic_matmul_flops(task, lora_model, *, lora: bool) -> int:
     `2n·(d_in·d_out·(1 + δ) + r·(3·d_out + (2 + δ)·d_in))`, δ = 1 where the layer's
     input needs a gradient (all but the first `no_dx` layers); unadapted layers
     count as trained (full) or frozen (LoRA); plus the attention products, the same
-    in both."""
+    in both. Where the LoRA forward is the merged product `x·(w + s·b·a)` (a float32
+    weight with `d_in ≤ 2n`, see `quaxlora/_rules/_factored.py`), its `2n·r·d_out`
+    for `t·bᵀ` is `2·d_in·d_out·r` for `b·a` instead."""
     n, r = task.tokens, task.rank
     no_dx = task.no_dx_lora if lora else task.no_dx_full
     total = task.attention
@@ -35,6 +38,8 @@ def analytic_matmul_flops(task, lora_model, *, lora: bool) -> int:
             total += (
                 2 * n * (din * dout * (1 + delta) + r * (3 * dout + (2 + delta) * din))
             )
+            if din * dout <= FUSE_MAX_COPY * n * dout:
+                total += 2 * din * dout * r - 2 * n * r * dout
         else:
             total += 2 * n * din * dout * (1 + delta)
     return total

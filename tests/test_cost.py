@@ -234,9 +234,9 @@ def _temp_bytes(compiled) -> int:
 def test_lora_step_keeps_one_activation_per_layer(getkey):
     # A sum of two products feeding the activation would be fused by XLA into both
     # the activation and its derivative, keeping both products alive until the
-    # backward. Where the differentiated forward is one product against [w | b]
-    # (here w.size <= 2·output size), the step's temporaries stay within a weight
-    # copy or two of full fine-tuning's; the two-product form needs about one more
+    # backward. Where the differentiated forward is one product (here
+    # w.size <= 2·output size), the step's temporaries stay within a weight copy or
+    # two of full fine-tuning's; the two-product form needs about one more
     # activation per layer.
     width, depth, batch = 128, 6, 128
     mlp = eqx.nn.MLP(width, width, width, depth - 1, key=getkey())
@@ -251,10 +251,16 @@ def test_lora_step_keeps_one_activation_per_layer(getkey):
     with mock.patch.object(factored, "FUSE_MAX_COPY", 0):
         lora, lstate = _lora_step(model, opt)  # a new function: traced afresh
         two_product = _temp_bytes(_compile(lora, *lstate, x, y, donate=(0, 1)))
+    with mock.patch.object(factored, "MERGE_FORWARD", False):
+        lora, lstate = _lora_step(model, opt)
+        concatenated = _temp_bytes(_compile(lora, *lstate, x, y, donate=(0, 1)))
     weight = 4 * width * (width + RANK)
-    assert fused <= full_temp + 2 * weight
     activation = 4 * batch * width
-    assert two_product > fused + (depth // 2) * activation
+    # `fused` is the merged product x·(w + s·b·a) (a float32 weight): one weight-sized
+    # temporary and no copy of `x`, so it keeps less than [x | s·t]·[w | b] does.
+    assert fused < concatenated <= full_temp + 2 * weight
+    assert fused <= full_temp + weight
+    assert two_product > concatenated + (depth // 2) * activation
 
 
 def test_scanned_lora_step_stores_no_weight_copy():

@@ -4,7 +4,9 @@ Gradients are checked with the differentiated forward in both of its forms (see
 `quaxlora/_rules/_factored.py`): one product against the concatenated `[w | f2]`, and
 two products and a sum."""
 
+import contextlib
 import math
+import re
 from unittest import mock
 
 import equinox as eqx
@@ -28,13 +30,28 @@ from .helpers import assert_tree_allclose, normal, np_rng, random_lora, TOLS
 pytestmark = pytest.mark.x64
 
 
-FUSE_MODES = {"fused": math.inf, "two-product": 0}
+# The differentiated forward's three forms: (FUSE_MAX_COPY, MERGE_FORWARD). The
+# merged form needs a float32 or wider weight; elsewhere "merged" gives the
+# concatenated form, as the library does.
+FUSE_MODES = {
+    "merged": (math.inf, True),
+    "concatenated": (math.inf, False),
+    "two-product": (0, False),
+}
+
+
+@contextlib.contextmanager
+def forward_form(mode):
+    max_copy, merge = FUSE_MODES[mode]
+    with mock.patch.object(factored, "FUSE_MAX_COPY", max_copy):
+        with mock.patch.object(factored, "MERGE_FORWARD", merge):
+            yield
 
 
 @pytest.fixture(params=list(FUSE_MODES))
 def fuse(request):
-    """Force the differentiated forward into one of its two forms."""
-    with mock.patch.object(factored, "FUSE_MAX_COPY", FUSE_MODES[request.param]):
+    """Force the differentiated forward into one of its forms."""
+    with forward_form(request.param):
         yield request.param
 
 
@@ -136,12 +153,18 @@ CASES = [
 @pytest.mark.parametrize("wshape,nb,xshape,dn,lhs", CASES)
 @pytest.mark.parametrize(
     "dtype,mode",
-    [(jnp.float32, "fused"), (jnp.float64, "fused"), (jnp.float32, "two-product")],
+    [
+        (jnp.float32, "merged"),
+        (jnp.float64, "merged"),
+        (jnp.float32, "concatenated"),
+        (jnp.float64, "concatenated"),
+        (jnp.float32, "two-product"),
+    ],
 )
 def test_cases(getkey, wshape, nb, xshape, dn, lhs, dtype, mode):
     lora = _lora(getkey(), wshape, batch_ndim=nb, dtype=dtype)
     x = normal(getkey(), xshape, dtype)
-    with mock.patch.object(factored, "FUSE_MAX_COPY", FUSE_MODES[mode]):
+    with forward_form(mode):
         _check(lora, x, dn, lhs)
 
 
@@ -249,7 +272,7 @@ def test_random_dimension_numbers(mode, case):
     key = jr.key(sum(wshape) + 7 * len(xshape))
     lora = _lora(key, wshape, rank=rank, batch_ndim=nb, dtype=jnp.float64)
     x = normal(jr.fold_in(key, 1), xshape, jnp.float64)
-    with mock.patch.object(factored, "FUSE_MAX_COPY", FUSE_MODES[mode]):
+    with forward_form(mode):
         _check(lora, x, dn, lhs)
 
 
@@ -260,17 +283,53 @@ def _grad_jaxpr(lora, x):
     return str(jax.make_jaxpr(jax.grad(loss, allow_int=True))(lora, x))
 
 
-@pytest.mark.parametrize("rows,fused", [(16, True), (3, True), (2, False)])
-def test_fused_forward_only_when_it_pays(getkey, rows, fused):
-    # [w | b] is a w-sized temporary: taken when w.size <= FUSE_MAX_COPY·output
-    # size, i.e. here (8·6 <= 2·rows·8) from 3 rows on.
-    lora = _lora(getkey(), (8, 6), rank=2)
-    x = normal(getkey(), (rows, 6), jnp.float32)
-    assert ("concatenate" in _grad_jaxpr(lora, x)) == fused
+def _form(jaxpr: str, dtype) -> str:
+    """Which form the differentiated forward took, from the gradient's jaxpr of an
+    (8, 6) weight: the merged form adds a weight-shaped array (in either layout)."""
+    short = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[
+        jnp.dtype(dtype).name
+    ]
+    merged = re.search(rf"{short}\[(8,6|6,8)\] = add ", jaxpr) is not None
+    concatenated = "concatenate" in jaxpr
+    assert not (merged and concatenated)
+    return "merged" if merged else "concatenated" if concatenated else "two-product"
+
+
+@pytest.mark.parametrize(
+    "rows,dtype,form",
+    [
+        (16, jnp.float32, "merged"),
+        (3, jnp.float32, "merged"),
+        (2, jnp.float32, "two-product"),
+        (16, jnp.bfloat16, "concatenated"),
+        (3, jnp.float16, "concatenated"),
+        (2, jnp.bfloat16, "two-product"),
+    ],
+)
+def test_forward_form(getkey, rows, dtype, form):
+    # The one-product forms have a w-sized temporary (the merged weight, or
+    # [w | b]): taken when w.size <= FUSE_MAX_COPY·output size, i.e. here
+    # (8·6 <= 2·rows·8) from 3 rows on. The merged weight only for float32 or wider
+    # (a narrower dtype would round a small update away).
+    lora = _lora(getkey(), (8, 6), rank=2, dtype=dtype)
+    x = normal(getkey(), (rows, 6), dtype)
+    assert _form(_grad_jaxpr(lora, x), dtype) == form
+    with mock.patch.object(factored, "MERGE_FORWARD", False):
+        expect = "two-product" if form == "two-product" else "concatenated"
+        assert _form(_grad_jaxpr(lora, x), dtype) == expect
     # Inference is never fused: two products and a sum.
     jaxpr = str(jax.make_jaxpr(quax.quaxify(lambda w, x: x @ w.T))(lora, x))
     assert "concatenate" not in jaxpr
     assert jaxpr.count("dot_general") == 3
+
+
+def test_forward_form_under_dropout(getkey):
+    # Under LoRA dropout the adapter's input is not `x`: the merged weight would
+    # apply the update to the undropped input, so the concatenated form is used.
+    w = normal(getkey(), (8, 6), jnp.float32)
+    lora = ql.LoraArray(w, rank=2, dropout=0.5, dropout_key=getkey(), key=getkey())
+    x = normal(getkey(), (16, 6), jnp.float32)
+    assert _form(_grad_jaxpr(lora, x), jnp.float32) == "concatenated"
 
 
 # Whether each of CASES lines up for the fused forward: x·w must contract one weight

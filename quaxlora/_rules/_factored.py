@@ -9,16 +9,27 @@ when it is contracted (a transposed use, `x @ W`).
 **Forward, not differentiated** (inference): two products and a sum,
 `x·w + (s·t)·f2`, with the scale folded into the smaller operand.
 
-**Forward under differentiation** (the primal half of the jvp rule): one product,
-`[x | s·t]·[w | f2]`, the two operands concatenated along the contracted axis (`t`'s
-and `f2`'s rank axis is the continuation of the axis `x` and `w` contract). A sum
-of two products that an activation consumes is fused by XLA into the activation and
-into its derivative, so both products stay alive until the backward — one extra
-activation-sized buffer per adapted layer. One product leaves one buffer, and saves
-the small `t·f2` product. The price is a `w`-sized temporary: it is taken when it
-is at most `FUSE_MAX_COPY` times the output buffer it saves. Otherwise, and whenever
-the two contractions do not line up (for example when the product sums over a
-stacked `LoraArray`'s batch axis), the two-product form is used.
+**Forward under differentiation** (the primal half of the jvp rule): one product.
+A sum of two products that an activation consumes is fused by XLA into the
+activation and into its derivative, so both products stay alive until the backward
+— one extra activation-sized buffer per adapted layer; one product leaves one
+buffer. Of the two one-product forms,
+
+- **merged**, `x·(w + s·f2⊗f1)`, forms the dense weight as a `w`-sized temporary
+  (`2·w.size·rank` multiply-adds) and copies nothing activation-sized. It is used
+  when `w` is float32 or wider: in a narrower dtype, adding a small update to `w`
+  would round it away. And only when the adapter branch's input is `x` itself (not
+  under LoRA dropout).
+- **concatenated**, `[x | s·t]·[w | f2]`, the two operands joined along the
+  contracted axis (`t`'s and `f2`'s rank axis is the continuation of the axis `x`
+  and `w` contract): a `w`-sized and an `x`-sized temporary; the product
+  accumulates `x·w + s·t·f2` in one pass, so a bfloat16 weight keeps its update.
+
+Either is taken when its `w`-sized temporary is at most `FUSE_MAX_COPY` times the
+output buffer it saves, and when the two contractions line up. Otherwise (for
+example when the product sums over a stacked `LoraArray`'s batch axis), the
+two-product form is used. `t = xa·f1` is computed in every form: the backward needs
+it.
 
 **Tangent map**, linear in the tangents `dx, df1, df2` (and `dw` only when `w` is
 not behind `stop_gradient`):
@@ -53,10 +64,18 @@ import jax.numpy as jnp
 from ._contract import contract, dot, size_of, transpose_to
 
 
-# The differentiated forward concatenates `[w | f2]` when that `w`-sized temporary
-# is at most this many times the output buffer it saves (and its copy is then cheap
-# against the product, which costs `rows · w.size` multiply-adds).
+# The differentiated forward is one product when its `w`-sized temporary (`[w | f2]`
+# or `w + s·f2⊗f1`) is at most this many times the output buffer it saves (and
+# forming it is then cheap against the product, `rows · w.size` multiply-adds).
 FUSE_MAX_COPY = 2
+# Whether the one-product forward may be the merged form (the tests switch it off
+# to check the concatenated form on every shape).
+MERGE_FORWARD = True
+
+
+def _wide(dtype) -> bool:
+    """Whether `w + s·f2⊗f1` keeps a small update in `dtype`: float32 or wider."""
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits >= 32
 
 
 class Spec(NamedTuple):
@@ -72,6 +91,9 @@ class Spec(NamedTuple):
     w_grad: bool  # False with `stop_gradient=True`: the tangent map has no `dw` term
     precision: Any
     preferred_element_type: Any
+    # Whether the adapter branch's input is `x` itself (no LoRA dropout); set by
+    # `factored_product`.
+    shared_input: bool = False
 
 
 def concat_label(spec: Spec) -> str | None:
@@ -130,6 +152,15 @@ def forward(spec: Spec, x, w, f1, f2, xa=None, *, fuse: bool, dot=dot):
     c = concat_label(spec) if fuse else None
     y_size = size_of(spec.out, x, spec.xl, w, spec.wl)
     if c is not None and w.size <= FUSE_MAX_COPY * y_size and _mapped_like(f2, w):
+        if (
+            MERGE_FORWARD
+            and spec.shared_input
+            and _wide(w.dtype)
+            and _mapped_like(f1, w)
+        ):
+            d = dot(f2, spec.f2l, f1, spec.f1l, spec.wl, precision=spec.precision)
+            merged = w + _scaled(spec.scaling, d, w.dtype)
+            return dot(x, spec.xl, merged, spec.wl, spec.out, **kw), t
         renamed = lambda labels: tuple(c if l == "k" else l for l in labels)
         st = transpose_to(_scaled(spec.scaling, t, x.dtype), renamed(spec.tl), spec.xl)
         f2w = transpose_to(_scaled(1, f2, w.dtype), renamed(spec.f2l), spec.wl)
@@ -150,7 +181,9 @@ def factored_product(spec: Spec, x, w, f1, f2, xa=None):
     """`einsum(x, w + s·f2⊗f1 -> out)` without forming the sum; see the module
     docstring. All operands are plain arrays; `xa`, the adapter branch's input,
     defaults to `x` (it differs under LoRA dropout)."""
-    return _factored_product(spec, x, w, f1, f2, x if xa is None else xa)
+    if xa is None or xa is x:
+        return _factored_product(spec._replace(shared_input=True), x, w, f1, f2, x)
+    return _factored_product(spec, x, w, f1, f2, xa)
 
 
 @ft.partial(jax.custom_jvp, nondiff_argnums=(0,))
