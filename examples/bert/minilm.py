@@ -131,11 +131,15 @@ def _linear(linear: eqx.nn.Linear, x: Float[Array, "seq a"]) -> Float[Array, "se
 def _layer_norm(
     norm: eqx.nn.LayerNorm, x: Float[Array, "seq dim"]
 ) -> Float[Array, "seq dim"]:
-    """`jax.vmap(norm)(x)` over the last axis, as `eqx.nn.LayerNorm` computes it."""
+    """`jax.vmap(norm)(x)` over the last axis, as `eqx.nn.LayerNorm` computes it but
+    with the scale folded into the normaliser, `(x - mean)·(weight / std) + bias`.
+    (Written `weight·((x - mean) / std) + bias`, XLA:CPU's fusion recomputes the
+    chain of layer-norm backwards in ever larger fusions: the frozen floor's step
+    took 1.07x as long.)"""
     mean = jnp.mean(x, axis=-1, keepdims=True)
     variance = jnp.maximum(0.0, jnp.var(x, axis=-1, keepdims=True))
-    out = (x - mean) * jax.lax.rsqrt(variance + norm.eps)
-    return norm.weight * out + norm.bias
+    scale = jax.lax.rsqrt(variance + norm.eps) * norm.weight
+    return (x - mean) * scale + norm.bias
 
 
 def _attention(
