@@ -6,6 +6,7 @@ round's first variant, so that a slow drift of the machine's load cancels.
 """
 
 import dataclasses
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -96,8 +97,9 @@ def time_build(
 ):
     """Seconds to build a fresh copy of each variant's function, interleaved per round
     (with `fresh`, JAX's caches cleared before each, so nothing traced or compiled
-    before is reused): `reps` rounds of tracing to a jaxpr, the first `compile_reps`
-    of which also lower and compile.
+    before is reused, and Python's garbage collected, so that the garbage of the
+    previous build is not collected during the timed one): `reps` rounds of tracing
+    to a jaxpr, the first `compile_reps` of which also lower and compile.
 
     **Returns:**
 
@@ -109,6 +111,7 @@ def time_build(
         for i, v in enumerate(variants):
             if fresh:
                 jax.clear_caches()
+                gc.collect()
             fn = jax.jit(v.make(), donate_argnums=v.donate)
             t0 = time.perf_counter()
             traced = fn.trace(*v.args)
