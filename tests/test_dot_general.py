@@ -1,8 +1,8 @@
 """`dot_general` with a `LoraArray`: values and gradients vs the dense reference.
 
-Gradients are checked with the differentiated forward in both of its forms (see
-`quaxlora/_rules/_factored.py`): one product against the concatenated `[w | f2]`, and
-two products and a sum."""
+Gradients are checked with the differentiated forward in each of its forms (see
+`quaxlora/_rules/_factored.py`): one product against the merged `w + s·f2⊗f1`, one
+product of the concatenated `[x | s·t]` and `[w | f2]`, and two products and a sum."""
 
 import contextlib
 import math
