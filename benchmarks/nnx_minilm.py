@@ -186,18 +186,9 @@ def from_equinox(eqx_bert, config) -> Bert:
     return model
 
 
-def infonce(e, scale=SCALE):
-    """`examples/bert/finetune.py`'s `contrastive_loss` on the embeddings `e`."""
-    n = e.shape[0] // 2
-    logits = scale * e[:n] @ e[n:].T
-    labels = jnp.arange(n)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    loss_t = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels)
-    return jnp.mean(loss + loss_t) / 2
-
-
 def nnx_loss(model, ids, mask):
-    return infonce(model.embed(ids, mask))
+    """`examples/bert/finetune.py`'s contrastive loss, on the NNX model."""
+    return models.bert_example().infonce(model.embed(ids, mask), SCALE)
 
 
 # The NNX floor's parameter: the same as `first_bias_spec`'s (a filter on the path).

@@ -115,7 +115,11 @@ def pair_batches(train, *, batch_pairs: int, steps: int, seed: int):
 def contrastive_loss(embed, params, static, ids, mask, scale: float):
     """Symmetric InfoNCE over in-batch negatives; rows `i` and `n + i` are a pair."""
     model = eqx.combine(params, static)
-    e = embed(model, ids, mask)
+    return infonce(embed(model, ids, mask), scale)
+
+
+def infonce(e, scale: float):
+    """Symmetric InfoNCE of the embeddings `e`: rows `i` and `n + i` are a pair."""
     n = e.shape[0] // 2
     logits = scale * e[:n] @ e[n:].T
     labels = jnp.arange(n)
