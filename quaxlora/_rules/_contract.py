@@ -52,6 +52,12 @@ def bind(fn, *args, **kwargs) -> Any:
     return fn(*args, **kwargs)
 
 
+def cast(x: Any, dtype: Any) -> Any:
+    """`x.astype(dtype)`, binding nothing when `x` already has that dtype (fewer
+    operations to trace than `jnp`'s `astype`, which binds a conversion anyway)."""
+    return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
+
+
 def transpose_to(x: Any, labels: Labels, out: Labels) -> Any:
     labels, out = list(labels), list(out)
     if labels == out:
@@ -162,7 +168,7 @@ def _transpose(operand: str, g, x, y, *, xl, yl, out, **kwargs):
     else:
         aval, other, otherl, labels = y.aval, x, xl, yl
     ct = cheapest(g, out, other, otherl, labels, **kwargs)
-    return ct.astype(aval.dtype)
+    return cast(ct, aval.dtype)
 
 
 def _batch(args, dims, *, xl, yl, out, **kwargs):

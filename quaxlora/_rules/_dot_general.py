@@ -18,7 +18,7 @@ from jaxtyping import ArrayLike
 
 from .._dora import dora_scale, scale_along, scale_labels
 from .._lora_array import is_value, LoraArray
-from ._contract import contract, transpose_to
+from ._contract import cast, contract, transpose_to
 from ._factored import factored_product, forward, Spec
 
 
@@ -69,8 +69,8 @@ def _lora_contract(
     x: Any, xl: list[str], lora: LoraArray, out: list[str], **dot_kwargs
 ) -> Any:
     wl, al, bl, batch = lora_labels(lora)
-    a = lora.a.astype(lora.dtype)
-    b = lora.b.astype(lora.dtype)
+    a = cast(lora.a, lora.dtype)
+    b = cast(lora.b, lora.dtype)
     if "o" in xl and "o" not in out:  # contraction over the weight's output axis
         (f1, f1l), (f2, f2l) = (b, bl), (a, al)
     else:
