@@ -271,3 +271,81 @@ def test_jit_on_plain_arrays_is_not_retraced(getkey, monkeypatch):
     out = jax.jit(quax.quaxify(with_lora))(lora, x)
     assert any("tanh" in str(j) for j in calls)
     assert_tree_allclose(out, jnp.tanh(lora.merged() @ x) * 2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "mapped", ["x", "factors", "x and factors", "x and a", "weight"]
+)
+def test_vmap_outside_quaxify_maps_any_operand(getkey, mapped):
+    # `jax.vmap` outside `quaxify`: the factored product meets the vmap itself (its
+    # batching rule), with any of `x`, the factors and the weight mapped. Per
+    # example factors against one weight must not be merged into it (the mapped
+    # axis would be summed) nor concatenated to it (one copy per example).
+    n = 4
+    lora = _trained(ql.LoraArray(normal(getkey(), (5, 3)), rank=2, key=getkey()), 0)
+    xs = normal(getkey(), (n, 7, 3))
+    stack = lambda a: jnp.stack([a * (i + 1) for i in range(n)])  # one per example
+    axes = {
+        "x": (None, None, None, 0),
+        "factors": (None, 0, 0, None),
+        "x and factors": (None, 0, 0, 0),
+        "x and a": (None, 0, None, 0),
+        "weight": (0, None, None, 0),
+    }[mapped]
+    w = stack(lora.weight) if axes[0] == 0 else lora.weight
+    a = stack(lora.a) if axes[1] == 0 else lora.a
+    b = stack(lora.b) if axes[2] == 0 else lora.b
+    x = xs if axes[3] == 0 else xs[0]
+
+    def f(w, a, b, x):
+        lora_i = eqx.tree_at(lambda l: (l.weight, l.a, l.b), lora, (w, a, b))
+        return jnp.tanh(quax.quaxify(lambda l, x: x @ l.T)(lora_i, x))
+
+    def f_ref(w, a, b, x):
+        return jnp.tanh(x @ (w + lora.scaling * b @ a).T)
+
+    def loss(f, *args):
+        return jnp.sum(jax.vmap(f, in_axes=axes)(*args) ** 2)
+
+    args = (w, a, b, x)
+    assert_tree_allclose(
+        jax.vmap(f, in_axes=axes)(*args), jax.vmap(f_ref, in_axes=axes)(*args), **TOL
+    )
+    grad = jax.grad(loss, argnums=(2, 3, 4))  # a, b and x (w is frozen)
+    assert_tree_allclose(
+        jax.jit(grad, static_argnums=0)(f, *args), grad(f_ref, *args), **TOL
+    )
+    # grad inside the vmap: per-example gradients.
+    per = lambda f: jax.vmap(
+        jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(1, 2, 3)), in_axes=axes
+    )
+    assert_tree_allclose(per(f)(*args), per(f_ref)(*args), **TOL)
+
+
+def test_linear_use_inside_a_jvp_rule(getkey):
+    # A `custom_jvp` whose jvp rule applies the LoRA product to the tangent (the
+    # product is linear in `x`): under `grad` that use is partially evaluated with
+    # an unknown operand, and transposed.
+    lora = _trained(ql.LoraArray(normal(getkey(), (5, 3)), rank=2, key=getkey()), 0)
+    x = normal(getkey(), (7, 3))
+
+    def make(matmul):
+        @jax.custom_jvp
+        def g(w, x):
+            return jnp.sin(matmul(w, x))
+
+        @g.defjvp
+        def g_jvp(primals, tangents):
+            (w, x), (_, dx) = primals, tangents
+            y = matmul(w, x)
+            return jnp.sin(y), jnp.cos(y) * matmul(w, dx)
+
+        return g
+
+    g = make(lambda w, x: x @ w.T)
+    loss = lambda w, x: jnp.sum(g(w, x) ** 2)
+    gx = quax.quaxify(jax.grad(loss, argnums=1))(lora, x)
+    gx_jit = jax.jit(quax.quaxify(jax.grad(loss, argnums=1)))(lora, x)
+    want = jax.grad(loss, argnums=1)(lora.merged(), x)
+    assert_tree_allclose(gx, want, **TOL)
+    assert_tree_allclose(gx_jit, want, **TOL)

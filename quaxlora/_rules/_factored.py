@@ -55,14 +55,20 @@ output would be stacked over the iterations — a full copy of the block weights
 """
 
 import functools as ft
+import math
 from typing import Any, NamedTuple
 
 import jax
+import jax.core
+import jax.extend.core as jexc
 import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import core as _core
+from jax._src.interpreters import ad as _ad
+from jax.interpreters import ad, batching, mlir, partial_eval as pe
 
-from ._contract import cast, contract, dot, size_of, transpose_to
+from ._contract import cast, contract, dot, transpose_to
 
 
 # The differentiated forward is one product when its `w`-sized temporary (`[w | f2]`
@@ -151,6 +157,34 @@ def _scaled(s: float, a, dtype):
     return cast(a, dtype)
 
 
+def _onto(out, *operand_labels) -> tuple[str, ...]:
+    """The labels of `out` that the operands carry, in `out`'s order: the output of
+    their product. Under `vmap` an operand may lack the mapped axis that `out` has."""
+    return tuple(l for l in out if any(l in labels for labels in operand_labels))
+
+
+def _sum_onto(terms, out, sizes, dtype):
+    """The sum of `(array, labels)` terms, in `dtype`, labelled `out`: a term whose
+    labels (a subsequence of `out`) lack one of `out` is broadcast along it."""
+    total = None
+    for z, zl in terms:
+        z = cast(z, dtype)
+        if tuple(zl) != tuple(out):
+            shape = tuple(sizes[l] for l in out)
+            z = lax.broadcast_in_dim(z, shape, tuple(out.index(l) for l in zl))
+        total = z if total is None else lax.add(total, z)
+    return total
+
+
+def _sizes(spec: Spec, x, w, f1, f2) -> dict[str, int]:
+    return (
+        dict(zip(spec.xl, x.shape))
+        | dict(zip(spec.wl, w.shape))
+        | dict(zip(spec.f1l, f1.shape))
+        | dict(zip(spec.f2l, f2.shape))
+    )
+
+
 def forward(spec: Spec, x, w, f1, f2, xa=None, *, fuse: bool, dot=dot):
     """`x·w + s·(xa·f1)·f2`, and `t = xa·f1`, where `xa` is the adapter branch's
     input (`x`, or `x` after LoRA dropout). `dot` computes one labelled product
@@ -160,19 +194,24 @@ def forward(spec: Spec, x, w, f1, f2, xa=None, *, fuse: bool, dot=dot):
     )
     xa = x if xa is None else xa
     t = dot(xa, spec.xl, f1, spec.f1l, spec.tl, **kw)
+    sizes = _sizes(spec, x, w, f1, f2)
     # `s·t` joins `x` in one array, so `x` must be able to hold it.
     fuse = fuse and jnp.issubdtype(x.dtype, jnp.inexact)
     c = concat_label(spec) if fuse else None
-    y_size = size_of(spec.out, x, spec.xl, w, spec.wl)
+    y_size = math.prod(sizes[l] for l in spec.out)
     if c is not None and w.size <= FUSE_MAX_COPY * y_size and _mapped_like(f2, w):
         if (
             MERGE_FORWARD
             and spec.shared_input
             and _wide(w.dtype)
+            # (not a factor mapped over an axis of a `vmap` that `w` is not)
+            and {*spec.f1l, *spec.f2l} - {"k"} <= set(spec.wl)
             and _mapped_like(f1, w)
         ):
-            d = dot(f2, spec.f2l, f1, spec.f1l, spec.wl, precision=spec.precision)
-            merged = _add(w, _scaled(spec.scaling, d, w.dtype))
+            dl = _onto(spec.wl, spec.f1l, spec.f2l)
+            d = dot(f2, spec.f2l, f1, spec.f1l, dl, precision=spec.precision)
+            d = _scaled(spec.scaling, d, w.dtype)
+            merged = _sum_onto([(w, spec.wl), (d, dl)], spec.wl, sizes, w.dtype)
             return dot(x, spec.xl, merged, spec.wl, spec.out, **kw), t
         renamed = lambda labels: tuple(c if l == "k" else l for l in labels)
         st = transpose_to(_scaled(spec.scaling, t, x.dtype), renamed(spec.tl), spec.xl)
@@ -180,14 +219,16 @@ def forward(spec: Spec, x, w, f1, f2, xa=None, *, fuse: bool, dot=dot):
         xx = lax.concatenate([x, st], spec.xl.index(c))
         ww = lax.concatenate([w, f2w], spec.wl.index(c))
         return dot(xx, spec.xl, ww, spec.wl, spec.out, **kw), t
-    base = dot(x, spec.xl, w, spec.wl, spec.out, **kw)
+    bl = _onto(spec.out, spec.xl, spec.wl)
+    base = dot(x, spec.xl, w, spec.wl, bl, **kw)
     # Fold the scale into whichever operand of the second product is smaller.
     if t.size < f2.size:
         st, sf2 = _scaled(spec.scaling, t, t.dtype), _scaled(1, f2, t.dtype)
     else:
         st, sf2 = t, _scaled(spec.scaling, f2, t.dtype)
-    delta = dot(st, spec.tl, sf2, spec.f2l, spec.out, **kw)
-    return _add(base, delta), t
+    dl = _onto(spec.out, spec.tl, spec.f2l)
+    delta = dot(st, spec.tl, sf2, spec.f2l, dl, **kw)
+    return _sum_onto([(base, bl), (delta, dl)], spec.out, sizes, base.dtype), t
 
 
 def factored_product(spec: Spec, x, w, f1, f2, xa=None):
@@ -195,48 +236,156 @@ def factored_product(spec: Spec, x, w, f1, f2, xa=None):
     docstring. All operands are plain arrays; `xa`, the adapter branch's input,
     defaults to `x` (it differs under LoRA dropout)."""
     if xa is None or xa is x:
-        return _factored_product(spec._replace(shared_input=True), x, w, f1, f2, x)
-    return _factored_product(spec, x, w, f1, f2, xa)
+        spec = spec._replace(shared_input=True)
+        return factored_p.bind(x, w, f1, f2, x, spec=spec)
+    return factored_p.bind(x, w, f1, f2, xa, spec=spec)
 
 
-@ft.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _factored_product(spec: Spec, x, w, f1, f2, xa):
-    return forward(spec, x, w, f1, f2, xa, fuse=False)[0]
-
-
-@ft.partial(_factored_product.defjvp, symbolic_zeros=True)
-def _jvp(spec: Spec, primals, tangents):
+def _tangent(spec: Spec, primals, t, tangents, dtype):
+    """The tangent map `dy`, in `dtype`: a sum of labelled contractions, whose
+    transposes are the backward of the module docstring. `None` when every term is
+    zero."""
     x, w, f1, f2, xa = primals
-    dx, dw, df1, df2, dxa = (None if _is_zero(d) else d for d in tangents)
-    y, t = forward(spec, x, w, f1, f2, xa, fuse=True)
+    dx, dw, df1, df2, dxa = (
+        None if type(d) in (ad.Zero, jax.custom_derivatives.SymbolicZero) else d
+        for d in tangents
+    )
     kw = dict(
         precision=spec.precision, preferred_element_type=spec.preferred_element_type
     )
     s = spec.scaling
-    # dy = dx·w + s·(dxa·f1 + xa·df1)·f2 + s·t·df2 (+ x·dw): labelled
-    # contractions, whose transposes are the backward of the module docstring.
+    # dy = dx·w + s·(dxa·f1 + xa·df1)·f2 + s·t·df2 (+ x·dw)
     terms, dt = [], []
+
+    def term(a, al, b, bl):
+        labels = _onto(spec.out, al, bl)
+        terms.append((contract(a, al, b, bl, labels, **kw), labels))
+
     if dx is not None:
-        terms.append(contract(dx, spec.xl, w, spec.wl, spec.out, **kw))
+        term(dx, spec.xl, w, spec.wl)
     if dxa is not None:
         dt.append(contract(dxa, spec.xl, f1, spec.f1l, spec.tl, **kw))
     if df1 is not None:
         dt.append(contract(xa, spec.xl, df1, spec.f1l, spec.tl, **kw))
     if dt:
-        sdt = _scaled(s, ft.reduce(_add, dt), t.dtype)
-        terms.append(contract(sdt, spec.tl, f2, spec.f2l, spec.out, **kw))
+        term(_scaled(s, ft.reduce(_add, dt), t.dtype), spec.tl, f2, spec.f2l)
     if df2 is not None:
-        st = _scaled(s, t, t.dtype)
-        terms.append(contract(st, spec.tl, df2, spec.f2l, spec.out, **kw))
+        term(_scaled(s, t, t.dtype), spec.tl, df2, spec.f2l)
     if dw is not None and spec.w_grad:
-        terms.append(contract(x, spec.xl, dw, spec.wl, spec.out, **kw))
+        term(x, spec.xl, dw, spec.wl)
     if not terms:
-        return y, jnp.zeros_like(y)
-    dy = _scaled(1, terms[0], y.dtype)
-    for term in terms[1:]:
-        dy = _add(dy, term)
-    return y, dy
+        return None
+    return _sum_onto(terms, spec.out, _sizes(spec, x, w, f1, f2), dtype)
 
 
-def _is_zero(tangent) -> bool:
-    return isinstance(tangent, jax.custom_derivatives.SymbolicZero)
+# `factored_p`: the product as one primitive. Not differentiated, it is the
+# two-product forward. Differentiated, it is never staged: its jvp rule (forward
+# mode) and its linearisation rule (reverse mode, `jax.linearize`) put the
+# one-product forward and the tangent map's contractions in its place. The
+# linearisation rule is what `grad` calls: it saves tracing the rule a second time
+# through partial evaluation, which is what a `jax.custom_jvp` costs under `grad`
+# (a quarter of the trace time of an MLP step).
+
+
+def _impl(x, w, f1, f2, xa, *, spec: Spec):
+    return forward(spec, x, w, f1, f2, xa, fuse=False)[0]
+
+
+def _aval(args, spec: Spec):
+    structs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in args]
+    z = jax.eval_shape(ft.partial(_impl, spec=spec), *structs)
+    return jax.core.ShapedArray(z.shape, z.dtype)
+
+
+_cached_aval = ft.lru_cache(maxsize=4096)(_aval)
+
+
+def _abstract_eval(*avals, spec: Spec):
+    args = tuple((a.shape, a.dtype) for a in avals)
+    try:
+        return _cached_aval(args, spec)
+    except TypeError:  # an unhashable parameter (a precision config, say)
+        return _aval(args, spec)
+
+
+def _jvp(primals, tangents, *, spec: Spec):
+    y, t = forward(spec, *primals, fuse=True)
+    dy = _tangent(spec, primals, t, tangents, y.dtype)
+    return y, ad.Zero(jax.typeof(y).to_tangent_aval()) if dy is None else dy
+
+
+def _linearize(*args, spec: Spec):
+    # JAX calls `(is_vjp, nonzeros, *primals)`; only the last two are used.
+    nonzeros, primals = args[-6], args[-5:]
+    y, t = forward(spec, *primals, fuse=True)
+    x_nz, w_nz, f1_nz, f2_nz, xa_nz = nonzeros
+    nonzero = x_nz or (w_nz and spec.w_grad) or f1_nz or f2_nz or xa_nz
+
+    def linearized(residuals, *tangents):
+        primals, t = residuals
+        dy = _tangent(spec, primals, t, tangents, y.dtype)
+        return ad.Zero(jax.typeof(y).to_tangent_aval()) if dy is None else dy
+
+    return y, nonzero, (primals, t), linearized
+
+
+def _partial_eval(trace, *tracers, spec: Spec):
+    # Met by partial evaluation with an unknown operand: inside another function's
+    # jvp rule that applies the product to a tangent (it is linear in `x`). Staged as
+    # the two-product forward, whose operations JAX can transpose.
+    if all(t.pval.is_known() for t in tracers):
+        return trace.default_process_primitive(factored_p, tracers, dict(spec=spec))
+    with _core.set_current_trace(trace):
+        return _impl(*tracers, spec=spec)
+
+
+def _batch(args, dims, *, spec: Spec):
+    # The mapped axis becomes one more label, as for `contract_p`: `x`, `w` and the
+    # factors each keep it when mapped, and the forward then picks its form by the
+    # labels (a factor mapped over an axis `w` is not mapped over is neither
+    # concatenated to nor merged into `w`).
+    taken = {*spec.xl, *spec.wl, *spec.f1l, *spec.f2l, *spec.tl, *spec.out}
+    label = next(f"V{i}" for i in range(len(taken) + 1) if f"V{i}" not in taken)
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    x, w, f1, f2, xa = args
+    bx, bw, b1, b2, bxa = dims
+    if (bx is None) != (bxa is None):  # `x` and `xa` share their labels
+        if bx is None:
+            x, bx = jnp.broadcast_to(x, (size, *x.shape)), 0
+        else:
+            xa, bxa = jnp.broadcast_to(xa, (size, *xa.shape)), 0
+
+    def mapped(a, d, labels):
+        if d is None:
+            return a, labels
+        return jnp.moveaxis(a, d, 0), (label, *labels)
+
+    x, xl = mapped(x, bx, spec.xl)
+    xa, _ = mapped(xa, bxa, spec.xl)
+    w, wl = mapped(w, bw, spec.wl)
+    f1, f1l = mapped(f1, b1, spec.f1l)
+    f2, f2l = mapped(f2, b2, spec.f2l)
+    # `t = xa·f1` in its natural order, keeping what it kept and the mapped axis.
+    kept = {*spec.tl, label}
+    tl = (
+        [l for l in xl if l in f1l and l in kept]
+        + [l for l in xl if l not in f1l]
+        + [l for l in f1l if l not in xl]
+    )
+    new = spec._replace(
+        xl=xl, wl=wl, f1l=f1l, f2l=f2l, tl=tuple(tl), out=(label, *spec.out)
+    )
+    return factored_p.bind(x, w, f1, f2, xa, spec=new), 0
+
+
+factored_p = jexc.Primitive("quaxlora_factored")
+factored_p.def_impl(_impl)
+factored_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(factored_p, mlir.lower_fun(_impl, multiple_results=False))
+ad.primitive_jvps[factored_p] = _jvp
+pe.custom_partial_eval_rules[factored_p] = _partial_eval
+batching.primitive_batchers[factored_p] = _batch
+# Not in `jax.interpreters.ad`; without it (another JAX), `grad` linearises through
+# the jvp rule instead, the same result traced more slowly.
+if hasattr(_ad, "primitive_linearizations"):
+    _ad.primitive_linearizations[factored_p] = _linearize
