@@ -39,23 +39,30 @@ def _keep(xl, yl, out, extra) -> list[str]:
 
 
 def lora_contract(
-    x: Any, xl: list[str], lora: LoraArray, out: list[str], **dot_kwargs
+    x: Any,
+    xl: list[str],
+    lora: LoraArray,
+    out: list[str],
+    final: list[str] | None = None,
+    **dot_kwargs,
 ) -> Any:
     """`einsum(x, lora -> out)` in factored form: `x·w + (x·a)·(s·b)` (or through `b`
-    first when the output axis of `w` is contracted). With DoRA, `W = V·diag(m/‖V‖)`
+    first when the output axis of `w` is contracted), returned in the order `final`
+    (a reordering of `out`; by default `out`). With DoRA, `W = V·diag(m/‖V‖)`
     along one axis of `V = w + s·b⊗a`: the result of the product with `V` is
     rescaled along that axis when it survives in `out`; otherwise (it is
     contracted) `x` is, before the product."""
+    final = out if final is None else final
     if lora.magnitude is None:
-        return _lora_contract(x, xl, lora, out, **dot_kwargs)
+        return _lora_contract(x, xl, lora, out, final, **dot_kwargs)
     sl = scale_labels(lora, lora_labels(lora)[0])
     scale = dora_scale(lora)
     if set(sl) <= set(out):
-        y = _lora_contract(x, xl, lora, out, **dot_kwargs)
-        return scale_along(y, list(out), scale, sl)
+        y = _lora_contract(x, xl, lora, out, out, **dot_kwargs)
+        return transpose_to(scale_along(y, list(out), scale, sl), out, final)
     if set(sl) <= set(xl):
         x = scale_along(x, list(xl), scale, sl)
-        return _lora_contract(x, xl, lora, out, **dot_kwargs)
+        return _lora_contract(x, xl, lora, out, final, **dot_kwargs)
     # The product contracts some of the scale's axes (a stacked weight's batch axis,
     # or the DoRA axis) and keeps others: neither side carries all of them.
     raise TypeError(
@@ -66,7 +73,7 @@ def lora_contract(
 
 
 def _lora_contract(
-    x: Any, xl: list[str], lora: LoraArray, out: list[str], **dot_kwargs
+    x: Any, xl: list[str], lora: LoraArray, out: list[str], final, **dot_kwargs
 ) -> Any:
     wl, al, bl, batch = lora_labels(lora)
     a = cast(lora.a, lora.dtype)
@@ -87,6 +94,7 @@ def _lora_contract(
         not lora.stop_gradient,
         dot_kwargs.get("precision"),
         dot_kwargs.get("preferred_element_type"),
+        final=None if list(final) == list(out) else tuple(final),
     )
     if not (is_value(x) or is_value(lora.weight)):
         # The raw weight: `w_grad` keeps gradients from it, and under `lax.scan` a
@@ -125,18 +133,19 @@ def _lora_dot(
     batch = [wl[i] for i in l_batch]
     l_free = [l for i, l in enumerate(wl) if i not in l_contract and i not in l_batch]
     x_free = [l for i, l in enumerate(xl) if i not in x_contract and i not in x_batch]
-    # out has shape (*batch, *x_free, *lora_free): the layout a consumer of `x` wants.
-    out = lora_contract(
+    # The products have shape (*batch, *x_free, *lora_free): the layout a consumer of
+    # `x` wants. With the `LoraArray` on the left, the result is transposed to
+    # `dot_general`'s order as part of the factored product.
+    out = batch + x_free + l_free
+    return lora_contract(
         x,
         xl,
         lora,
-        batch + x_free + l_free,
+        out,
+        batch + l_free + x_free if lora_is_lhs else out,
         precision=precision,
         preferred_element_type=preferred_element_type,
     )
-    if lora_is_lhs:
-        return transpose_to(out, batch + x_free + l_free, batch + l_free + x_free)
-    return out
 
 
 # One implementation, `_lora_dot`, for both sides: `dot_general`'s output order

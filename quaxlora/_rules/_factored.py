@@ -101,6 +101,10 @@ class Spec(NamedTuple):
     # Whether the adapter branch's input is `x` itself (no LoRA dropout); set by
     # `factored_product`.
     shared_input: bool = False
+    # The result's labels, when they are `out` reordered (`dot_general`'s order with
+    # a `LoraArray` on the left): the transpose is then part of the product, so that
+    # `grad` does not linearise it as an operation of its own.
+    final: tuple[str, ...] | None = None
 
 
 def concat_label(spec: Spec) -> str | None:
@@ -176,6 +180,11 @@ def _sum_onto(terms, out, sizes, dtype):
     return total
 
 
+def _final(spec: Spec, y):
+    """`y`, labelled `spec.out`, in the order of `spec.final`."""
+    return y if spec.final is None else transpose_to(y, spec.out, spec.final)
+
+
 def _sizes(spec: Spec, x, w, f1, f2) -> dict[str, int]:
     return (
         dict(zip(spec.xl, x.shape))
@@ -212,13 +221,13 @@ def forward(spec: Spec, x, w, f1, f2, xa=None, *, fuse: bool, dot=dot):
             d = dot(f2, spec.f2l, f1, spec.f1l, dl, precision=spec.precision)
             d = _scaled(spec.scaling, d, w.dtype)
             merged = _sum_onto([(w, spec.wl), (d, dl)], spec.wl, sizes, w.dtype)
-            return dot(x, spec.xl, merged, spec.wl, spec.out, **kw), t
+            return _final(spec, dot(x, spec.xl, merged, spec.wl, spec.out, **kw)), t
         renamed = lambda labels: tuple(c if l == "k" else l for l in labels)
         st = transpose_to(_scaled(spec.scaling, t, x.dtype), renamed(spec.tl), spec.xl)
         f2w = transpose_to(_scaled(1, f2, w.dtype), renamed(spec.f2l), spec.wl)
         xx = lax.concatenate([x, st], spec.xl.index(c))
         ww = lax.concatenate([w, f2w], spec.wl.index(c))
-        return dot(xx, spec.xl, ww, spec.wl, spec.out, **kw), t
+        return _final(spec, dot(xx, spec.xl, ww, spec.wl, spec.out, **kw)), t
     bl = _onto(spec.out, spec.xl, spec.wl)
     base = dot(x, spec.xl, w, spec.wl, bl, **kw)
     # Fold the scale into whichever operand of the second product is smaller.
@@ -228,7 +237,8 @@ def forward(spec: Spec, x, w, f1, f2, xa=None, *, fuse: bool, dot=dot):
         st, sf2 = t, _scaled(spec.scaling, f2, t.dtype)
     dl = _onto(spec.out, spec.tl, spec.f2l)
     delta = dot(st, spec.tl, sf2, spec.f2l, dl, **kw)
-    return _sum_onto([(base, bl), (delta, dl)], spec.out, sizes, base.dtype), t
+    y = _sum_onto([(base, bl), (delta, dl)], spec.out, sizes, base.dtype)
+    return _final(spec, y), t
 
 
 def factored_product(spec: Spec, x, w, f1, f2, xa=None):
@@ -275,7 +285,7 @@ def _tangent(spec: Spec, primals, t, tangents, dtype):
         term(x, spec.xl, dw, spec.wl)
     if not terms:
         return None
-    return _sum_onto(terms, spec.out, _sizes(spec, x, w, f1, f2), dtype)
+    return _final(spec, _sum_onto(terms, spec.out, _sizes(spec, x, w, f1, f2), dtype))
 
 
 # `factored_p`: the product as one primitive. Not differentiated, it is the
@@ -372,8 +382,15 @@ def _batch(args, dims, *, spec: Spec):
         + [l for l in xl if l not in f1l]
         + [l for l in f1l if l not in xl]
     )
+    final = None if spec.final is None else (label, *spec.final)
     new = spec._replace(
-        xl=xl, wl=wl, f1l=f1l, f2l=f2l, tl=tuple(tl), out=(label, *spec.out)
+        xl=xl,
+        wl=wl,
+        f1l=f1l,
+        f2l=f2l,
+        tl=tuple(tl),
+        out=(label, *spec.out),
+        final=final,
     )
     return factored_p.bind(x, w, f1, f2, xa, spec=new), 0
 
