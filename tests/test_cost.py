@@ -15,6 +15,7 @@ import jax.random as jr
 import optax
 import pytest
 import quax
+from jax.interpreters import ad
 
 import quaxlora as ql
 import quaxlora._rules._factored as factored
@@ -281,3 +282,56 @@ def test_scanned_lora_step_stores_no_weight_copy():
     inputs = 4 * depth * seq * (3 * d + 4 * d)
     assert lora <= floor + inputs + block_weights // 8
     assert results["quaxlora LoRA"][0] < 0.5 * results["full fine-tuning"][0]
+
+
+def test_grad_linearises_each_product_once_without_jitted_arithmetic(
+    getkey, monkeypatch
+):
+    # A trace-time guard (the timings are in the benchmarks): under `grad` each
+    # factored product is linearised by its own rule, once per layer, not through
+    # its jvp rule and partial evaluation; and the rule binds no jitted function
+    # (`+` on tracers is `jnp.add`, a `jit` that `grad` would linearise as a jaxpr
+    # of its own).
+    from jax._src.interpreters import ad as jax_ad
+    from jax.extend.core.primitives import jit_p
+
+    p = factored.factored_p
+    calls = {"linearize": 0, "jvp": 0, "jit inside": 0}
+    inside = [False]
+
+    def within(f):
+        def run(*args, **kwargs):
+            inside[0] = True
+            try:
+                return f(*args, **kwargs)
+            finally:
+                inside[0] = False
+
+        return run
+
+    lin, jvp, bind = (
+        jax_ad.primitive_linearizations[p],
+        ad.primitive_jvps[p],
+        jit_p.bind,
+    )
+
+    def counted_lin(*args, **params):
+        calls["linearize"] += 1
+        y, nonzero, residuals, linearized = within(lin)(*args, **params)
+        return y, nonzero, residuals, within(linearized)
+
+    def counted_jvp(*args, **params):
+        calls["jvp"] += 1
+        return jvp(*args, **params)
+
+    def counted_bind(*args, **params):
+        calls["jit inside"] += inside[0]
+        return bind(*args, **params)
+
+    monkeypatch.setitem(jax_ad.primitive_linearizations, p, counted_lin)
+    monkeypatch.setitem(ad.primitive_jvps, p, counted_jvp)
+    monkeypatch.setattr(jit_p, "bind", counted_bind)
+    model = ql.loraify(_mlp(getkey()), rank=RANK, key=getkey())
+    step, state = _lora_step(model, optax.adam(1e-3))
+    jax.jit(step).trace(*state, *_data(getkey()))
+    assert calls == {"linearize": DEPTH, "jvp": 0, "jit inside": 0}
