@@ -3,10 +3,11 @@ timed interleaved (medians of per-round ratios):
 
     python -m benchmarks.before_after [--reps N] [--quick]
 
-1. quaxlora as it is: the hand-written backward, and under differentiation a fused
-   forward (one product against `[w | b]`, see `quaxlora/_rules/_factored.py`);
+1. quaxlora as it is: the hand-written backward, and under differentiation a
+   one-product forward (`x·(w + s·b·a)`, or against `[w | b]`; see
+   `quaxlora/_rules/_factored.py`);
 2. the hand-written backward with the two-product forward (`FUSE_MAX_COPY = 0`);
-3. autodiff's own backward: the product's `custom_jvp` bypassed, the same forward
+3. autodiff's own backward: the product's primitive bypassed, the same forward
    differentiated by JAX.
 """
 
@@ -27,7 +28,7 @@ from benchmarks.timing import time_interleaved
 
 
 def _autodiff_factored(spec, x, w, f1, f2, xa=None):
-    # The same forward as the shipped rule, without its `custom_jvp`.
+    # The same forward as the shipped rule, without its primitive and rules.
     return _f.forward(spec, x, w, f1, f2, xa, fuse=False)[0]
 
 

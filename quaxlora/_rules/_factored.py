@@ -1,5 +1,6 @@
-"""The factored LoRA product as one differentiable operation: a `custom_jvp` whose
-tangent map is made of labelled contractions (`_contract.contract_p`).
+"""The factored LoRA product as one differentiable operation: a primitive,
+`factored_p`, whose tangent map is made of labelled contractions
+(`_contract.contract_p`).
 
 For a `LoraArray` `W = w + s·f2⊗f1` met by an operand `x` (labelled as in
 `_contract.py`), `x·W = x·w + s·t·f2` with `t = x·f1` the rank-sized intermediate:
@@ -9,7 +10,8 @@ when it is contracted (a transposed use, `x @ W`).
 **Forward, not differentiated** (inference): two products and a sum,
 `x·w + (s·t)·f2`, with the scale folded into the smaller operand.
 
-**Forward under differentiation** (the primal half of the jvp rule): one product.
+**Forward under differentiation** (the primal half of the jvp and linearisation
+rules): one product.
 A sum of two products that an activation consumes is fused by XLA into the
 activation and into its derivative, so both products stay alive until the backward
 — one extra activation-sized buffer per adapted layer; one product leaves one
@@ -36,9 +38,10 @@ not behind `stop_gradient`):
 
     dy = dx·w + s·(dx·f1 + x·df1)·f2 + s·t·df2 (+ x·dw)
 
-Forward mode (`jvp`, `jacfwd`, `linearize`) evaluates it. Reverse mode transposes
-it, one contraction at a time, through `contract_p`'s transpose rule; from the
-residuals `x, w, f1, f2, s·t` and the output cotangent `g` that is
+Forward mode (`jvp`, `jacfwd`) evaluates it. Reverse mode (`grad`, and
+`linearize`) takes it from the linearisation rule, with the one-product forward, and
+transposes it one contraction at a time through `contract_p`'s transpose rule; from
+the residuals `x, w, f1, f2, s·t` and the output cotangent `g` that is
 
     ∂f2 = s·tᵀ·g          (contracting the rows)
     u   = s·g·f2ᵀ         (rows × rank)
@@ -52,6 +55,18 @@ cotangent. The weight is passed as it is, not through `lax.stop_gradient`: the
 tangent map simply has no `dw` term, and a residual that is the weight itself (a
 scanned parameter slice) is not copied by `lax.scan`, where a `stop_gradient`
 output would be stacked over the iterations — a full copy of the block weights.
+
+**Why a primitive.** As a `jax.custom_jvp`, the product cost `grad` a second trace
+of its jvp rule: JAX linearises a custom_jvp by tracing the rule with unknown
+tangents and partially evaluating the result, a few milliseconds of trace time per
+adapted layer (the whole of the benchmark MLP's trace took 1.7× full fine-tuning's).
+A primitive can give `grad` its linearisation directly: the one-product forward
+at the level below, and a function of the tangents that binds the tangent map's
+contractions. Its other rules: a jvp rule (forward mode), a batching rule (a mapped
+axis becomes one more label, as for `contract_p`), the two-product forward as its
+lowering, and, met with an unknown operand by partial evaluation (another function's
+jvp rule that applies the product to a tangent, in which it is linear), the
+two-product forward again, whose operations JAX can transpose.
 """
 
 import functools as ft
@@ -142,9 +157,9 @@ def _mapped_like(f2, w) -> bool:
 
 
 # The arithmetic below binds `lax` primitives, not `+` and `*`: on tracers those are
-# `jnp.add` and `jnp.multiply`, jitted functions, and under `grad` each jitted call
-# in the jvp rule is partially evaluated as a jaxpr of its own, which made the
-# rule's two sums more than half of its trace time.
+# `jnp.add` and `jnp.multiply`, jitted functions, each of which `grad` linearises as
+# a jaxpr of its own; in the rules, the two sums were more than half of their trace
+# time.
 
 
 def _add(a, b):
@@ -167,17 +182,18 @@ def _onto(out, *operand_labels) -> tuple[str, ...]:
     return tuple(l for l in out if any(l in labels for labels in operand_labels))
 
 
-def _sum_onto(terms, out, sizes, dtype):
+def _sum_onto(terms, out, sizes, dtype) -> Any:
     """The sum of `(array, labels)` terms, in `dtype`, labelled `out`: a term whose
     labels (a subsequence of `out`) lack one of `out` is broadcast along it."""
-    total = None
-    for z, zl in terms:
+
+    def onto(z, zl):
         z = cast(z, dtype)
-        if tuple(zl) != tuple(out):
-            shape = tuple(sizes[l] for l in out)
-            z = lax.broadcast_in_dim(z, shape, tuple(out.index(l) for l in zl))
-        total = z if total is None else lax.add(total, z)
-    return total
+        if tuple(zl) == tuple(out):
+            return z
+        shape = tuple(sizes[l] for l in out)
+        return lax.broadcast_in_dim(z, shape, tuple(out.index(l) for l in zl))
+
+    return ft.reduce(lax.add, [onto(z, zl) for z, zl in terms])
 
 
 def _final(spec: Spec, y):
@@ -288,13 +304,11 @@ def _tangent(spec: Spec, primals, t, tangents, dtype):
     return _final(spec, _sum_onto(terms, spec.out, _sizes(spec, x, w, f1, f2), dtype))
 
 
-# `factored_p`: the product as one primitive. Not differentiated, it is the
-# two-product forward. Differentiated, it is never staged: its jvp rule (forward
-# mode) and its linearisation rule (reverse mode, `jax.linearize`) put the
-# one-product forward and the tangent map's contractions in its place. The
-# linearisation rule is what `grad` calls: it saves tracing the rule a second time
-# through partial evaluation, which is what a `jax.custom_jvp` costs under `grad`
-# (a quarter of the trace time of an MLP step).
+# `factored_p`: the product as one primitive (see "Why a primitive" above). Not
+# differentiated, it is the two-product forward. Differentiated, it is never
+# staged: its jvp rule (forward mode) and its linearisation rule (`grad`,
+# `jax.linearize`) put the one-product forward and the tangent map's contractions
+# in its place.
 
 
 def _impl(x, w, f1, f2, xa, *, spec: Spec):
