@@ -49,7 +49,7 @@ class Config:
     scan_depths: tuple = (6, 24)
     extras: tuple = ("mlp", "gpt", "minilm")  # the models with QLoRA, quax's example
     reps: int = 15
-    trace_reps: int = 7  # the first `compile_reps` of them also compile
+    trace_reps: int = 15  # the first `compile_reps` of them also compile
     compile_reps: int = 3
     # Clear JAX's caches before each timed build, so every build traces from scratch
     # (off in `--quick`, the test suite's smoke run: clearing would make the rest of
