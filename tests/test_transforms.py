@@ -349,3 +349,26 @@ def test_linear_use_inside_a_jvp_rule(getkey):
     want = jax.grad(loss, argnums=1)(lora.merged(), x)
     assert_tree_allclose(gx, want, **TOL)
     assert_tree_allclose(gx_jit, want, **TOL)
+
+
+def test_grad_through_the_jvp_rule(mlp_pair, getkey, monkeypatch):
+    # Without its linearisation rule (a JAX that has none), `grad` linearises the
+    # factored product through its jvp rule: the same gradients.
+    from jax._src.interpreters import ad as jax_ad
+    from jax.interpreters import ad
+
+    import quaxlora._rules._factored as factored
+
+    p = factored.factored_p
+    monkeypatch.delitem(jax_ad.primitive_linearizations, p)
+    calls, jvp = [], ad.primitive_jvps[p]
+    counted = lambda *args, **params: calls.append(1) or jvp(*args, **params)
+    monkeypatch.setitem(ad.primitive_jvps, p, counted)
+    lora, _ = mlp_pair
+    x = normal(getkey(), (7, 5), jnp.float64)
+    trainable, frozen = ql.partition(lora)
+    loss = lambda t, f, x: _loss(quax.quaxify(eqx.combine(t, f)), x)
+    loss_ref = lambda t, f, x: _loss(ql.merge(eqx.combine(t, f)), x)
+    g = eqx.filter_jit(eqx.filter_grad(loss))(trainable, frozen, x)
+    assert calls  # the jvp rule did the linearising
+    assert_tree_allclose(g, eqx.filter_grad(loss_ref)(trainable, frozen, x), **TOL)
